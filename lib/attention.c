@@ -1,9 +1,15 @@
 /*
- * Causal grouped-query attention, flash-attention style: each query's scores
- * live only in a per-thread scratch row; forward keeps out and the row's
- * log-sum-exp, backward recomputes the probabilities from them.
+ * Causal grouped-query attention, flash-attention style: a query's scores
+ * live only in a per-thread scratch row; forward keeps out and each query's
+ * log-sum-exp, backward recomputes the probabilities from them.  No [T, T]
+ * matrix is stored.
+ *
+ * Every inner loop is an axpy over contiguous memory so the compiler
+ * vectorises it without -ffast-math: scores are built as
+ * s[0..i] += q_i[d] * K^T[d, 0..i] from a per-task transposed copy of K (and
+ * of V for backward), and outputs as o += p_j * v_j.
  * Parallel over (row, kv head); a kv head's dk/dv are written by exactly one
- * task, so no atomics and results independent of thread count.
+ * task, so no atomics and results do not depend on the thread count.
  */
 #include "kernels.h"
 
@@ -18,14 +24,27 @@ typedef struct attn_ctx {
     int max_len;
 } attn_ctx;
 
+static void axpy(float *restrict y, float a, const float *restrict x, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
 static float dot(const float *a, const float *b, int n) {
     float s = 0.0f;
     for (int i = 0; i < n; i++) s += a[i] * b[i];
     return s;
 }
 
-static void axpy(float *y, float a, const float *x, int n) {
-    for (int i = 0; i < n; i++) y[i] += a * x[i];
+/* dst[d, j] = src[j * stride + d] for j < T, d < D: one head of K or V transposed. */
+static void transpose_head(float *restrict dst, const float *restrict src, size_t stride, int T, int D) {
+    for (int j = 0; j < T; j++)
+        for (int d = 0; d < D; d++) dst[(size_t)d * T + j] = src[(size_t)j * stride + d];
+}
+
+/* s[0..n) = scale * (q . K^T[:, 0..n)) */
+static void scores_row(float *restrict s, const float *restrict q, const float *restrict kt, int T, int n, int D,
+                       float scale) {
+    memset(s, 0, (size_t)n * sizeof(float));
+    for (int d = 0; d < D; d++) axpy(s, q[d] * scale, kt + (size_t)d * T, n);
 }
 
 static void attention_forward_tasks(void *p, int64_t begin, int64_t end) {
@@ -33,34 +52,34 @@ static void attention_forward_tasks(void *p, int64_t begin, int64_t end) {
     int D = c->head_dim, H = c->n_heads, KV = c->n_kv_heads, group = H / KV;
     size_t qs = (size_t)H * D, ks = (size_t)KV * D;
     float scale = 1.0f / sqrtf((float)D);
-    float *scores = perl_mem_alloc((size_t)c->max_len * sizeof(float));
-    if (!scores) return; /* cannot happen for sane sizes; caller pre-checks */
+    float *kt = perl_mem_alloc(((size_t)D + 1) * c->max_len * sizeof(float));
+    if (!kt) return; /* the caller reserved the same size up front */
+    float *s = kt + (size_t)D * c->max_len;
     for (int64_t task = begin; task < end; task++) {
         int row = (int)(task / KV), g = (int)(task % KV);
-        int s = c->row_start[row], T = c->row_start[row + 1] - s;
+        int s0 = c->row_start[row], T = c->row_start[row + 1] - s0;
+        transpose_head(kt, c->k + (size_t)s0 * ks + (size_t)g * D, ks, T, D);
         for (int h = g * group; h < (g + 1) * group; h++) {
             for (int i = 0; i < T; i++) {
-                const float *qi = c->q + (size_t)(s + i) * qs + (size_t)h * D;
-                float m = -INFINITY;
-                for (int j = 0; j <= i; j++) {
-                    scores[j] = dot(qi, c->k + (size_t)(s + j) * ks + (size_t)g * D, D) * scale;
-                    if (scores[j] > m) m = scores[j];
-                }
-                float *o = c->out + (size_t)(s + i) * qs + (size_t)h * D;
-                memset(o, 0, (size_t)D * sizeof(float));
+                const float *qi = c->q + (size_t)(s0 + i) * qs + (size_t)h * D;
+                scores_row(s, qi, kt, T, i + 1, D, scale);
+                float m = s[0];
+                for (int j = 1; j <= i; j++) m = s[j] > m ? s[j] : m;
                 float sum = 0.0f;
                 for (int j = 0; j <= i; j++) {
-                    float e = expf(scores[j] - m);
-                    sum += e;
-                    axpy(o, e, c->v + (size_t)(s + j) * ks + (size_t)g * D, D);
+                    s[j] = perl_expf(s[j] - m);
+                    sum += s[j];
                 }
+                float *o = c->out + (size_t)(s0 + i) * qs + (size_t)h * D;
+                memset(o, 0, (size_t)D * sizeof(float));
+                for (int j = 0; j <= i; j++) axpy(o, s[j], c->v + (size_t)(s0 + j) * ks + (size_t)g * D, D);
                 float inv = 1.0f / sum;
                 for (int d = 0; d < D; d++) o[d] *= inv;
-                c->lse[(size_t)(s + i) * H + h] = m + logf(sum);
+                c->lse[(size_t)(s0 + i) * H + h] = m + logf(sum);
             }
         }
     }
-    perl_mem_free(scores);
+    perl_mem_free(kt);
 }
 
 static int max_row_len(const int *row_start, int n_rows) {
@@ -77,38 +96,53 @@ void attention_forward(float *out, float *lse, const float *q, const float *k, c
     perl_parallel_for((int64_t)n_rows * n_kv_heads, 1, attention_forward_tasks, &c);
 }
 
+/*
+ * For query i of head h (p_j = exp(s_j - lse_i), delta_i = dO_i . O_i):
+ *   dp_j = dO_i . v_j,  ds_j = p_j (dp_j - delta_i) scale
+ *   dq_i = sum_j ds_j k_j,  dk_j += ds_j q_i,  dv_j += p_j dO_i
+ */
 static void attention_backward_tasks(void *p, int64_t begin, int64_t end) {
     attn_ctx *c = p;
     int D = c->head_dim, H = c->n_heads, KV = c->n_kv_heads, group = H / KV;
     size_t qs = (size_t)H * D, ks = (size_t)KV * D;
     float scale = 1.0f / sqrtf((float)D);
+    size_t L = (size_t)c->max_len;
+    float *kt = perl_mem_alloc((2 * (size_t)D + 2) * L * sizeof(float));
+    if (!kt) return;
+    float *vt = kt + (size_t)D * L, *prob = vt + (size_t)D * L, *ds = prob + L;
     for (int64_t task = begin; task < end; task++) {
         int row = (int)(task / KV), g = (int)(task % KV);
-        int s = c->row_start[row], T = c->row_start[row + 1] - s;
+        int s0 = c->row_start[row], T = c->row_start[row + 1] - s0;
+        const float *k0 = c->k + (size_t)s0 * ks + (size_t)g * D, *v0 = c->v + (size_t)s0 * ks + (size_t)g * D;
+        float *dk0 = c->dk + (size_t)s0 * ks + (size_t)g * D, *dv0 = c->dv + (size_t)s0 * ks + (size_t)g * D;
+        transpose_head(kt, k0, ks, T, D);
+        transpose_head(vt, v0, ks, T, D);
         for (int j = 0; j < T; j++) {
-            memset(c->dk + (size_t)(s + j) * ks + (size_t)g * D, 0, (size_t)D * sizeof(float));
-            memset(c->dv + (size_t)(s + j) * ks + (size_t)g * D, 0, (size_t)D * sizeof(float));
+            memset(dk0 + (size_t)j * ks, 0, (size_t)D * sizeof(float));
+            memset(dv0 + (size_t)j * ks, 0, (size_t)D * sizeof(float));
         }
         for (int h = g * group; h < (g + 1) * group; h++) {
             for (int i = 0; i < T; i++) {
-                size_t qoff = (size_t)(s + i) * qs + (size_t)h * D;
-                const float *qi = c->q + qoff, *doi = c->dout + qoff, *oi = c->out_in + qoff;
+                size_t qoff = (size_t)(s0 + i) * qs + (size_t)h * D;
+                const float *qi = c->q + qoff, *doi = c->dout + qoff;
                 float *dqi = c->dq + qoff;
-                float lse = c->lse_in[(size_t)(s + i) * H + h];
-                float delta = dot(doi, oi, D); /* sum_j p_j dp_j */
+                float lse = c->lse_in[(size_t)(s0 + i) * H + h];
+                float delta = dot(doi, c->out_in + qoff, D);
+                int n = i + 1;
+                scores_row(prob, qi, kt, T, n, D, scale);
+                for (int j = 0; j < n; j++) prob[j] = perl_expf(prob[j] - lse);
+                scores_row(ds, doi, vt, T, n, D, 1.0f); /* dp */
+                for (int j = 0; j < n; j++) ds[j] = prob[j] * (ds[j] - delta) * scale;
                 memset(dqi, 0, (size_t)D * sizeof(float));
-                for (int j = 0; j <= i; j++) {
-                    size_t koff = (size_t)(s + j) * ks + (size_t)g * D;
-                    float pj = expf(dot(qi, c->k + koff, D) * scale - lse);
-                    float dpj = dot(doi, c->v + koff, D);
-                    float dsj = pj * (dpj - delta) * scale;
-                    axpy(dqi, dsj, c->k + koff, D);
-                    axpy(c->dk + koff, dsj, qi, D);
-                    axpy(c->dv + koff, pj, doi, D);
+                for (int j = 0; j < n; j++) {
+                    axpy(dqi, ds[j], k0 + (size_t)j * ks, D);
+                    axpy(dk0 + (size_t)j * ks, ds[j], qi, D);
+                    axpy(dv0 + (size_t)j * ks, prob[j], doi, D);
                 }
             }
         }
     }
+    perl_mem_free(kt);
 }
 
 void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,

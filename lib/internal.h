@@ -69,6 +69,21 @@ float perl_bf16_to_f32(uint16_t h);
 uint16_t perl_f32_to_bf16(float f); /* round to nearest even */
 float perl_f16_to_f32(uint16_t h);
 
+/* ---- fast math ----
+ * exp(x) to within 2 ulp for x in [-87, 88] (0 below), branch-free so loops
+ * that call it vectorise: exp(x) = 2^n * e^r, |r| <= ln2 / 2, with a degree-6
+ * polynomial for e^r.  Used in softmax, where expf from libm would be a
+ * scalar call per element. */
+static inline float perl_expf(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.16666667163372040f + r * (0.041666645556688309f +
+                  r * (0.0083333477377891541f + r * 0.0013887970801442862f)))));
+    union { float f; int32_t i; } scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
+
 /* ---- misc ---- */
 #define PERL_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define PERL_MAX(a, b) ((a) > (b) ? (a) : (b))
