@@ -84,7 +84,7 @@ static double c_strtod(const char *s, size_t len, int *ok)
     if (!dp || !dp[0]) dp = ".";
     char stack[128];
     size_t need = len * dpl + 1;
-    char *buf = need <= sizeof stack ? stack : malloc(need);
+    char *buf = need <= sizeof stack ? stack : perl_mem_alloc(need);
     if (buf == NULL) {
         *ok = 0;
         return 0.0;
@@ -102,7 +102,7 @@ static double c_strtod(const char *s, size_t len, int *ok)
     char *end = NULL;
     double v = strtod(buf, &end);
     *ok = end == buf + o;
-    if (buf != stack) free(buf);
+    if (buf != stack) perl_mem_free(buf);
     return v;
 }
 
@@ -913,6 +913,16 @@ static void write_shortest(json_writer *w, double v, int is_float)
         return;
     }
     char buf[64];
+    if (v == floor(v) && fabs(v) < 1e15) {
+        /* Integral values as Python writes floats: "10000.0", not "1e+04". */
+        format_g(buf, sizeof buf, 17, v);
+        if (strchr(buf, 'e') == NULL) {
+            if (strchr(buf, '.') == NULL) strcat(buf, ".0");
+            w_before_value(w);
+            w_puts(w, buf);
+            return;
+        }
+    }
     int max_prec = is_float ? 9 : 17;
     for (int prec = 1; prec <= max_prec; prec++) {
         format_g(buf, sizeof buf, prec, v);

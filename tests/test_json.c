@@ -263,6 +263,8 @@ START_TEST(test_writer_round_trip)
         json_write_float(&w, 0.1f);
         json_write_key(&w, "d");
         json_write_double(&w, 0.1);
+        json_write_key(&w, "theta");
+        json_write_float(&w, 10000.0f);
         json_write_key(&w, "arr");
         json_write_array_begin(&w);
         json_write_bool(&w, 1);
@@ -289,6 +291,7 @@ START_TEST(test_writer_round_trip)
         ck_assert(json_as_double(json_get(r, "eps"), &d) && (float)d == 1e-5f);
         ck_assert(json_as_double(json_get(r, "tenth"), &d) && (float)d == 0.1f);
         ck_assert(json_as_double(json_get(r, "d"), &d) && d == 0.1);
+        ck_assert(json_as_double(json_get(r, "theta"), &d) && d == 10000.0);
         ck_assert_uint_eq(json_array_len(json_get(r, "arr")), 4);
         const json_value *k = json_get(r, "k\"ey");
         ck_assert(k != NULL && k->string_len == 3 && memcmp(k->string, "a\0b", 3) == 0);
@@ -297,6 +300,7 @@ START_TEST(test_writer_round_trip)
             /* shortest forms */
             ck_assert_ptr_nonnull(strstr(w.data, "\"eps\":1e-05"));
             ck_assert_ptr_nonnull(strstr(w.data, "\"tenth\":0.1,"));
+            ck_assert_ptr_nonnull(strstr(w.data, "\"theta\":10000.0,"));
         }
         json_writer_free(&w);
     }

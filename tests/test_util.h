@@ -98,6 +98,7 @@ static inline int test_write_file(const char *path, const void *data, size_t len
 /* Reads a whole file into a malloc'd buffer (NUL-terminated); NULL on failure. */
 static inline void *test_read_file(const char *path, size_t *out_len)
 {
+    if (out_len) *out_len = 0;
     FILE *f = fopen(path, "rb");
     if (f == NULL) return NULL;
     size_t cap = 4096, len = 0;
