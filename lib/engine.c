@@ -104,9 +104,13 @@ static void plan(engine *e, planner *p, size_t N, int n_slots, int training) {
     e->rstd_final = take(p, N);
     e->hidden = take(p, N * dim);
     e->dhidden = take(p, N * dim);
+    /* The normed inputs and the SwiGLU product are cheap to recompute, so every
+     * slot shares one buffer for each; backward recomputes them (layer_backward). */
+    float *xn = take(p, N * dim), *act = take(p, N * hid);
     for (int s = 0; s < n_slots; s++) {
         layer_acts *a = &e->slots[s];
-        a->xn1 = take(p, N * dim);
+        a->xn1 = a->xn2 = xn;
+        a->act = act;
         a->rstd1 = take(p, N);
         a->q = take(p, N * qd);
         a->k = take(p, N * kvd);
@@ -114,11 +118,9 @@ static void plan(engine *e, planner *p, size_t N, int n_slots, int training) {
         a->att = take(p, N * qd);
         a->lse = take(p, N * (size_t)c->n_heads);
         a->x_mid = take(p, N * dim);
-        a->xn2 = take(p, N * dim);
         a->rstd2 = take(p, N);
         a->gate = take(p, N * hid);
         a->up = take(p, N * hid);
-        a->act = take(p, N * hid);
         for (int t = 0; t < LORA_N_TARGETS; t++)
             a->lora_u[t] = r && (e->lora->opts.target_modules & (1u << t)) ? take(p, N * r) : NULL;
     }
@@ -302,7 +304,10 @@ static void layer_backward(engine *e, int l, layer_acts *a) {
     const float *x = resid_at(e, l);
     size_t nd = (size_t)N * dim;
 
-    /* feed-forward: out = x_mid + down(silu(gate(xn2)) * up(xn2)) */
+    /* feed-forward: out = x_mid + down(silu(gate(xn2)) * up(xn2)); xn2 and act
+     * share buffers across layers, so recompute them (bitwise as in forward) */
+    rmsnorm_forward(a->xn2, a->rstd2, a->x_mid, L->ffn_norm, N, dim, c->rms_norm_eps);
+    swiglu_forward(a->act, a->gate, a->up, (int64_t)N * hid);
     memset(e->d_act, 0, (size_t)N * hid * sizeof(float));
     linear_backward(e, a, l, LORA_DOWN, e->d_act, dL ? dL->w_down : NULL, NULL, e->d_resid, a->act, L->w_down,
                     N, hid, dim);
@@ -322,6 +327,7 @@ static void layer_backward(engine *e, int l, layer_acts *a) {
                c->rope_interleaved, 1);
     rope_apply(e->d_k, pb->pos, N, c->n_kv_heads, c->head_dim, e->model->rope_cos, e->model->rope_sin,
                c->rope_interleaved, 1);
+    rmsnorm_forward(a->xn1, a->rstd1, x, L->attn_norm, N, dim, c->rms_norm_eps); /* shared buffer */
     memset(e->d_x, 0, nd * sizeof(float));
     linear_backward(e, a, l, LORA_Q, e->d_x, dL ? dL->wq : NULL, dL ? dL->bq : NULL, e->d_q, a->xn1, L->wq, N,
                     dim, qd);

@@ -28,12 +28,12 @@ int packed_index(const packed_batch *pb, int row, int t);
 
 /* Activations of one layer kept for backward. */
 typedef struct layer_acts {
-    float *xn1, *rstd1;          /* attention-norm output [N, dim], [N] */
+    float *xn1, *rstd1;          /* attention-norm output [N, dim] (buffer shared by all slots), [N] */
     float *q, *k, *v;            /* after bias and RoPE: [N, H*D], [N, KV*D] x2 */
     float *att, *lse;            /* attention output [N, H*D], log-sum-exp [N, H] */
     float *x_mid;                /* residual after attention [N, dim] */
-    float *xn2, *rstd2;          /* ffn-norm output, [N] */
-    float *gate, *up, *act;      /* [N, hidden] x3: act = silu(gate) * up */
+    float *xn2, *rstd2;          /* ffn-norm output (shares xn1's buffer), [N] */
+    float *gate, *up, *act;      /* [N, hidden] x3: act = silu(gate) * up (shared buffer) */
     float *lora_u[LORA_N_TARGETS]; /* dropout(x) A^T [N, r] per targeted module */
 } layer_acts;
 
