@@ -22,28 +22,60 @@ typedef struct head_rows {
     const float *dlogp, *dentropy;   /* per chunk row, for the gradient pass */
 } head_rows;
 
+/* Reductions are split over LANES independent partial sums so they vectorise
+ * without -ffast-math (a plain float reduction would stay scalar), and the
+ * order stays fixed whatever the thread count. */
+#define LANES 16
+
+static float row_max(const float *z, int V, int32_t *out_argmax) {
+    float lane[LANES];
+    int j = 0;
+    for (int k = 0; k < LANES; k++) lane[k] = -INFINITY;
+    for (; j + LANES <= V; j += LANES)
+        for (int k = 0; k < LANES; k++) lane[k] = z[j + k] > lane[k] ? z[j + k] : lane[k];
+    float m = -INFINITY;
+    for (int k = 0; k < LANES; k++) m = lane[k] > m ? lane[k] : m;
+    for (; j < V; j++) m = z[j] > m ? z[j] : m;
+    int best = 0; /* first index of the maximum: ties go to the lowest id */
+    while (z[best] != m) best++;
+    *out_argmax = best;
+    return m;
+}
+
+/* z <- exp(z - m); returns sum and writes sum of exp(z - m) * (z - m). */
+static float row_exp_sum(float *z, int V, float m, float *out_weighted) {
+    float sum[LANES] = {0}, weighted[LANES] = {0};
+    int j = 0;
+    for (; j + LANES <= V; j += LANES)
+        for (int k = 0; k < LANES; k++) {
+            float shifted = z[j + k] - m, e = perl_expf(shifted);
+            z[j + k] = e;
+            sum[k] += e;
+            weighted[k] += e * shifted;
+        }
+    float s = 0.0f, w = 0.0f;
+    for (; j < V; j++) {
+        float shifted = z[j] - m, e = perl_expf(shifted);
+        z[j] = e;
+        s += e;
+        w += e * shifted;
+    }
+    for (int k = 0; k < LANES; k++) s += sum[k], w += weighted[k];
+    *out_weighted = w;
+    return s;
+}
+
 static void head_stats(void *p, int64_t begin, int64_t end) {
     head_rows *h = p;
     for (int64_t r = begin; r < end; r++) {
         float *z = h->logits + r * h->V;
-        float m = z[0];
-        int32_t best = 0;
-        for (int j = 1; j < h->V; j++)
-            if (z[j] > m) m = z[j], best = j;
-        double sum = 0.0, weighted = 0.0;
         float zt = z[h->target[r]];
-        for (int j = 0; j < h->V; j++) {
-            float shifted = z[j] - m;
-            float e = expf(shifted);
-            z[j] = e;
-            sum += e;
-            weighted += (double)e * shifted;
-        }
-        float log_sum = (float)log(sum);
+        float m = row_max(z, h->V, &h->argmax[r]);
+        float weighted, sum = row_exp_sum(z, h->V, m, &weighted);
+        float log_sum = logf(sum);
         h->log_sum[r] = log_sum;
         h->logp[r] = zt - m - log_sum;
-        h->entropy[r] = (float)(log_sum - weighted / sum); /* log Z - E_p[z - m] */
-        h->argmax[r] = best;
+        h->entropy[r] = log_sum - weighted / sum; /* log Z - E_p[z - m] */
     }
 }
 
