@@ -116,8 +116,12 @@ TEST_OBJS := $(patsubst tests/%.c,$(BUILD)/tests/%.o,$(TEST_SRCS))
 TEST_RUNNER := $(BUILD)/tests/run_tests
 SUITES_GEN := $(BUILD)/tests/suites.gen.h
 
-EXAMPLE_SRCS := $(wildcard examples/*.c)
+# examples/mpi_*.c need mpicc: built by `make mpi`, not by `examples`.
+EXAMPLE_SRCS := $(filter-out examples/mpi_%.c,$(wildcard examples/*.c))
 EXAMPLES := $(patsubst examples/%.c,$(BUILD)/examples/%,$(EXAMPLE_SRCS))
+# Host-side helpers (JSON, data files, byte tokens) linked into every example.
+EXAMPLE_COMMON_SRCS := $(wildcard examples/common/*.c)
+EXAMPLE_COMMON_HDRS := $(wildcard examples/common/*.h)
 BENCH_SRCS := $(wildcard bench/*.c)
 BENCHES := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRCS))
 DEMO := $(BUILD)/examples/perl_demo
@@ -132,7 +136,9 @@ SUBMAKE := $(MAKE) --no-print-directory
 PERL_SHARED_DIR ?= $(abspath $(CURDIR)/../shared)
 export PERL_SHARED_DIR
 
-# A string equality test for make functions.
+# A string equality test for make functions.  Stamps compare $(strip)ped
+# text: GNU make 4.3's $(file <) sometimes keeps the final newline (it depends
+# on the size of make's expansion buffer), which made every build a full one.
 streq = $(if $(subst x$(1),,x$(2))$(subst x$(2),,x$(1)),,yes)
 
 # =============================================================================
@@ -149,7 +155,7 @@ $(BUILD) $(BUILD)/obj $(BUILD)/tests $(BUILD)/examples $(BUILD)/bench $(BUILD)/c
 # Objects are rebuilt when the compiler or its flags change (git's GIT-CFLAGS idea).
 LIB_SIGNATURE = $(CC) $(LIB_CFLAGS)
 $(BUILD)/lib-flags.stamp: FORCE | $(BUILD)
-	$(if $(call streq,$(file <$@),$(LIB_SIGNATURE)),,$(file >$@,$(LIB_SIGNATURE)))
+	$(if $(call streq,$(strip $(file <$@)),$(strip $(LIB_SIGNATURE))),,$(file >$@,$(LIB_SIGNATURE)))
 
 $(BUILD)/obj/%.o: lib/%.c $(BUILD)/lib-flags.stamp | $(BUILD)/obj
 	$(CC) $(LIB_CFLAGS) $(DEP_FLAGS) -c $< -o $@
@@ -172,7 +178,7 @@ $(STATIC): $(LIB_OBJS) | $(BUILD)
 # The .pc depends on the install locations, so it is regenerated when they change.
 PC_SIGNATURE = $(VERSION)|$(PREFIX)|$(EXEC_PREFIX)|$(LIBDIR)|$(INCLUDEDIR)|$(PC_REQUIRES_PRIVATE)|$(PC_LIBS_PRIVATE)
 $(BUILD)/pc.stamp: FORCE | $(BUILD)
-	$(if $(call streq,$(file <$@),$(PC_SIGNATURE)),,$(file >$@,$(PC_SIGNATURE)))
+	$(if $(call streq,$(strip $(file <$@)),$(strip $(PC_SIGNATURE))),,$(file >$@,$(PC_SIGNATURE)))
 
 # Paths under the prefix are written relative to ${prefix}, so the file stays
 # right when a packager relocates the tree.
@@ -193,8 +199,11 @@ $(PC): libperl.pc.in $(BUILD)/pc.stamp Makefile | $(BUILD)
 examples: $(EXAMPLES)
 bench-build: $(BENCHES)
 
-$(BUILD)/examples/%: examples/%.c $(SHARED_LINKS) $(BUILD)/lib-flags.stamp | $(BUILD)/examples
-	$(CC) $(PROG_CFLAGS) -MMD -MP -MF $@.d -MT $@ -o $@ $< $(LDFLAGS) $(PROG_LDLIBS)
+# The example's own source comes last: gcc writes the -MF file of the last source.
+$(BUILD)/examples/%: examples/%.c $(EXAMPLE_COMMON_SRCS) $(EXAMPLE_COMMON_HDRS) $(SHARED_LINKS) \
+                     $(BUILD)/lib-flags.stamp | $(BUILD)/examples
+	$(CC) $(PROG_CFLAGS) -Iexamples/common -MMD -MP -MF $@.d -MT $@ -o $@ $(EXAMPLE_COMMON_SRCS) $< \
+	    $(LDFLAGS) $(PROG_LDLIBS)
 $(BUILD)/bench/%: bench/%.c $(SHARED_LINKS) $(BUILD)/lib-flags.stamp | $(BUILD)/bench
 	$(CC) $(PROG_CFLAGS) -MMD -MP -MF $@.d -MT $@ -o $@ $< $(LDFLAGS) $(PROG_LDLIBS)
 
@@ -236,7 +245,7 @@ $(SUITES_GEN): FORCE | $(BUILD)/tests
 
 TEST_SIGNATURE = $(CC) $(TEST_CFLAGS)
 $(BUILD)/tests/flags.stamp: FORCE | $(BUILD)/tests
-	$(if $(call streq,$(file <$@),$(TEST_SIGNATURE)),,$(file >$@,$(TEST_SIGNATURE)))
+	$(if $(call streq,$(strip $(file <$@)),$(strip $(TEST_SIGNATURE))),,$(file >$@,$(TEST_SIGNATURE)))
 
 $(BUILD)/tests/check_main.o: $(SUITES_GEN)
 $(BUILD)/tests/%.o: tests/%.c $(BUILD)/tests/flags.stamp | $(BUILD)/tests
@@ -255,6 +264,13 @@ check:
 	@$(SUBMAKE) check-header
 	@$(SUBMAKE) check-unit
 	@$(SUBMAKE) check-install
+	@$(SUBMAKE) check-guides
+	@if command -v $(PYTHON) >/dev/null 2>&1; then $(SUBMAKE) check-python; \
+	 else echo "make check: $(PYTHON) not found, check-python skipped"; fi
+	@if command -v $(CARGO) >/dev/null 2>&1; then $(SUBMAKE) check-rust; \
+	 else echo "make check: $(CARGO) not found, check-rust skipped"; fi
+	@if command -v $(MPICC) >/dev/null 2>&1 && command -v $(MPIRUN) >/dev/null 2>&1; then $(SUBMAKE) check-mpi; \
+	 else echo "make check: $(MPICC)/$(MPIRUN) not found, check-mpi skipped"; fi
 	@echo "make check: all passed"
 
 check-build: all examples bench-build tests
@@ -284,6 +300,55 @@ check-header: | $(BUILD)/check-header
 check-install: all
 	@MAKE='$(MAKE)' CC='$(CC)' CXX='$(CXX)' PKG_CONFIG='$(PKG_CONFIG)' \
 	    VERSION='$(VERSION)' ABI_VERSION='$(ABI_VERSION)' sh tests/abi/check-install.sh
+
+# ---- bindings, MPI, guides, API reference (docs/python.md, docs/rust.md,
+# docs/distributed.md).  `make check` runs check-python, check-rust and
+# check-mpi only when their tools exist; asked for by name they need them.
+.PHONY: check-python check-rust check-guides mpi check-mpi docs
+PYTHON ?= python3
+CARGO ?= cargo
+MPICC ?= mpicc
+MPIRUN ?= mpirun
+DOXYGEN ?= doxygen
+MPI_EXAMPLE := $(BUILD)/examples/mpi_policy
+
+# The unittest suite against this build's library; again without numpy when
+# numpy is installed (the bindings' list-based path).
+check-python: $(SHARED_LINKS)
+	@set -e; lib=$(abspath $(BUILD)/$(SHARED_SONAME)); \
+	run() { PYTHONDONTWRITEBYTECODE=1 LIBPERL_LIBRARY=$$lib "$$@" $(PYTHON) -m unittest discover -s bindings/python/tests; }; \
+	echo "check-python: $(PYTHON) -m unittest discover -s bindings/python/tests"; run env; \
+	if $(PYTHON) -c 'import numpy' 2>/dev/null; then echo "check-python: again with LIBPERL_NO_NUMPY=1"; \
+	    run env LIBPERL_NO_NUMPY=1; fi
+
+check-rust: $(SHARED_LINKS)
+	cd bindings/rust && CARGO_TARGET_DIR=$(abspath $(BUILD))/cargo LIBPERL_LIB_DIR=$(abspath $(BUILD)) \
+	    $(CARGO) test --offline
+
+# Every complete C program in docs/guide-*.md, compiled and run.
+check-guides: $(SHARED_LINKS)
+	@CC='$(CC)' sh tests/check_guides.sh $(BUILD)
+
+mpi: $(MPI_EXAMPLE)
+$(MPI_EXAMPLE): examples/mpi_policy.c $(SHARED_LINKS) $(BUILD)/lib-flags.stamp | $(BUILD)/examples
+	@command -v $(MPICC) >/dev/null 2>&1 || \
+	    { echo "make mpi: $(MPICC) not found (apt-get install openmpi-bin libopenmpi-dev)" >&2; exit 1; }
+	$(MPICC) $(PROG_CFLAGS) -MMD -MP -MF $@.d -MT $@ -o $@ $< $(LDFLAGS) $(PROG_LDLIBS)
+
+# 2 ranks vs one process over the same global batch (tests/test_mpi.sh).
+check-mpi: $(MPI_EXAMPLE)
+	MPIRUN='$(MPIRUN)' sh tests/test_mpi.sh $(MPI_EXAMPLE)
+
+# The API reference from the public header (and the guides) into $(BUILD)/docs/html.
+docs:
+	@command -v $(DOXYGEN) >/dev/null 2>&1 || \
+	    { echo "make docs: $(DOXYGEN) not found (apt-get install -y --no-install-recommends doxygen)" >&2; exit 1; }
+	@mkdir -p $(BUILD)/docs
+	LIBPERL_DOCS_DIR=$(BUILD)/docs LIBPERL_VERSION=$(VERSION) $(DOXYGEN) docs/Doxyfile
+	@if [ -s $(BUILD)/docs/warnings.log ]; then cat $(BUILD)/docs/warnings.log; fi
+	@if grep -q 'libperl\.h' $(BUILD)/docs/warnings.log 2>/dev/null; then \
+	    echo "make docs: the header's documentation has errors" >&2; exit 1; fi
+	@echo "make docs: $(BUILD)/docs/html/index.html"
 
 # ---- install / uninstall (zstd's layout of targets)
 .PHONY: install install-pc install-static install-shared install-includes uninstall
@@ -315,6 +380,109 @@ uninstall:
 	rm -f $(DESTDIR)$(INCLUDEDIR)/libperl/libperl.h
 	if [ -d $(DESTDIR)$(INCLUDEDIR)/libperl ]; then rmdir $(DESTDIR)$(INCLUDEDIR)/libperl 2>/dev/null || :; fi
 
+# ---- hardening (docs/hardening.md): fuzzing, sanitizers, valgrind, ABI.
+# Each builds into its own directory through a sub-make of this Makefile with
+# OPT (and CC) replaced, so the ordinary build and its flags stay untouched.
+.PHONY: fuzz fuzz-build fuzz-seeds check-asan check-valgrind check-tsan check-abi update-abi
+
+# libFuzzer targets, one per tests/fuzz/fuzz_*.c, linked to a clang
+# ASan+UBSan build of the library.  `make fuzz FUZZ_SECONDS=600
+# FUZZ_TARGETS=fuzz_json` runs one target for ten minutes.
+FUZZ_BUILD ?= build-fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= $(patsubst tests/fuzz/%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_FLAGS ?=
+FUZZ_SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=all
+FUZZ_OPT := -O1 -g -fno-omit-frame-pointer $(FUZZ_SANITIZE)
+FUZZ_ENV := ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1 UBSAN_OPTIONS=print_stacktrace=1
+FUZZ_ALL := $(patsubst tests/fuzz/%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
+
+fuzz-build:
+	@command -v $(CLANG) >/dev/null 2>&1 || { echo "make fuzz: $(CLANG) not found (apt-get install clang libclang-rt-dev)" >&2; exit 1; }
+	@$(SUBMAKE) $(PARALLEL) BUILD=$(FUZZ_BUILD) CC=$(CLANG) OPT='$(FUZZ_OPT) -fsanitize=fuzzer-no-link' static
+	@$(SUBMAKE) $(PARALLEL) $(addprefix $(FUZZ_BUILD)/,$(FUZZ_ALL))
+
+$(FUZZ_BUILD)/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_common.h $(wildcard $(FUZZ_BUILD)/libperlrl.a)
+	$(CLANG) -std=c11 $(WARN_FLAGS) $(FUZZ_OPT) -fsanitize=fuzzer -pthread -Iinclude -Ilib \
+	    $(BLAS_CFLAGS) $(BLAS_DEFINE) -o $@ $< $(FUZZ_BUILD)/libperlrl.a $(LIB_LDLIBS)
+
+# Runs each target for FUZZ_SECONDS on its committed seeds plus a working
+# corpus under $(FUZZ_BUILD)/corpus/; crashes land in $(FUZZ_BUILD)/artifacts/.
+fuzz: fuzz-build
+	@set -e; mkdir -p $(FUZZ_BUILD)/artifacts; \
+	for t in $(FUZZ_TARGETS); do \
+	    mkdir -p $(FUZZ_BUILD)/corpus/$$t; \
+	    echo "== $$t: $(FUZZ_SECONDS) s (log: $(FUZZ_BUILD)/$$t.log)"; \
+	    if ! $(FUZZ_ENV) $(FUZZ_BUILD)/$$t -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2560 \
+	        -print_final_stats=1 -artifact_prefix=$(FUZZ_BUILD)/artifacts/$$t- $(FUZZ_FLAGS) \
+	        $(FUZZ_BUILD)/corpus/$$t tests/fuzz/corpus/$$t >$(FUZZ_BUILD)/$$t.log 2>&1; then \
+	        tail -n 60 $(FUZZ_BUILD)/$$t.log; echo "make fuzz: $$t FAILED" >&2; exit 1; \
+	    fi; \
+	    grep -E '^(stat::number_of_executed_units|stat::average_exec_per_sec|stat::peak_rss_mb|#[0-9]+.*DONE)' \
+	        $(FUZZ_BUILD)/$$t.log || :; \
+	done; echo "make fuzz: no crash in $(FUZZ_TARGETS)"
+
+# Regenerates tests/fuzz/corpus/<target>/ from the seeds each target writes.
+fuzz-seeds: fuzz-build
+	@set -e; for t in $(FUZZ_ALL); do \
+	    rm -rf tests/fuzz/corpus/$$t; mkdir -p tests/fuzz/corpus/$$t; \
+	    LIBPERL_FUZZ_WRITE_SEEDS=tests/fuzz/corpus/$$t $(FUZZ_ENV) $(FUZZ_BUILD)/$$t -runs=0 >/dev/null 2>&1; \
+	    echo "$$t: $$(ls tests/fuzz/corpus/$$t | wc -l) seeds"; \
+	done; du -sh tests/fuzz/corpus
+
+# The whole Check suite under AddressSanitizer + UBSan (gcc), in-process
+# (CK_FORK=no) so LeakSanitizer sees every test's allocations.
+ASAN_BUILD ?= build-asan
+ASAN_OPT ?= -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+ASAN_ENV := CK_FORK=no LIBPERL_BUILD_DIR=$(ASAN_BUILD) \
+            ASAN_OPTIONS=detect_leaks=1:detect_stack_use_after_return=1:check_initialization_order=1:strict_init_order=1 \
+            UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+check-asan:
+	@$(DEPS) check
+	@$(SUBMAKE) $(PARALLEL) BUILD=$(ASAN_BUILD) OPT='$(ASAN_OPT)' tests
+	$(ASAN_ENV) $(ASAN_BUILD)/tests/run_tests
+
+# The Check suite under valgrind memcheck: no leak, no invalid access.  Slow:
+# select suites with CK_RUN_SUITE=<area> (docs/hardening.md lists the times).
+VALGRIND ?= valgrind
+VALGRIND_BUILD ?= build-valgrind
+VALGRIND_OPT ?= -O2 -g
+VALGRIND_FLAGS ?= --leak-check=full --show-leak-kinds=definite,indirect \
+                  --errors-for-leak-kinds=definite,indirect --error-exitcode=1 --num-callers=40
+check-valgrind:
+	@$(DEPS) check
+	@command -v $(VALGRIND) >/dev/null 2>&1 || { echo "make check-valgrind: $(VALGRIND) not found (apt-get install valgrind)" >&2; exit 1; }
+	@$(SUBMAKE) $(PARALLEL) BUILD=$(VALGRIND_BUILD) OPT='$(VALGRIND_OPT)' tests
+	CK_FORK=no LIBPERL_BUILD_DIR=$(VALGRIND_BUILD) $(VALGRIND) $(VALGRIND_FLAGS) $(VALGRIND_BUILD)/tests/run_tests
+
+# ThreadSanitizer over the multi-threaded paths: the pool at 2 threads, one
+# model shared by trainers on two host threads (suite hardening, case threads).
+TSAN_BUILD ?= build-tsan
+TSAN_OPT ?= -O1 -g -fsanitize=thread
+TSAN_SUITE ?= hardening
+TSAN_CASE ?= threads
+check-tsan:
+	@$(DEPS) check
+	@$(SUBMAKE) $(PARALLEL) BUILD=$(TSAN_BUILD) OPT='$(TSAN_OPT)' tests
+	CK_FORK=no CK_RUN_SUITE=$(TSAN_SUITE) CK_RUN_CASE=$(TSAN_CASE) LIBPERL_NUM_THREADS=2 \
+	    TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 LIBPERL_BUILD_DIR=$(TSAN_BUILD) \
+	    $(TSAN_BUILD)/tests/run_tests
+
+# ABI: exports == tests/abi/symbols.txt == the header's LIBPERL_API list, and
+# abidiff against tests/abi/libperl.abi fails on an incompatible change (added
+# functions are compatible).  Built with -g so abidw sees the types.
+# `make update-abi` rewrites both files (only when an ABI change is intended).
+ABI_BUILD ?= build-abi
+ABI_OPT ?= -O2 -g
+check-abi:
+	@$(DEPS) abi
+	@$(SUBMAKE) $(PARALLEL) BUILD=$(ABI_BUILD) OPT='$(ABI_OPT)' shared
+	@sh scripts/check-abi.sh $(ABI_BUILD)/libperlrl.so
+update-abi:
+	@$(DEPS) abi
+	@$(SUBMAKE) $(PARALLEL) BUILD=$(ABI_BUILD) OPT='$(ABI_OPT)' shared
+	@sh scripts/check-abi.sh --update $(ABI_BUILD)/libperlrl.so
+
 # ---- housekeeping
 .PHONY: clean help FORCE
 clean:
@@ -330,6 +498,16 @@ help:
 	@echo '  check-header    compile the public header alone as C99, C11 and C++11'
 	@echo '  check-unit      build and run the Check unit tests (tests/test_*.c)'
 	@echo '  check-install   install into a scratch DESTDIR, link C/C++ consumers, uninstall'
+	@echo '  check-guides    compile and run the C programs of docs/guide-*.md'
+	@echo '  check-python    the Python bindings unittest suite (bindings/python/tests)'
+	@echo '  check-rust      cargo test --offline of bindings/rust (CARGO_TARGET_DIR=$(BUILD)/cargo)'
+	@echo '  mpi, check-mpi  build examples/mpi_policy.c with mpicc; 2-rank vs 1-process test'
+	@echo '  docs            Doxygen API reference into $(BUILD)/docs/html'
+	@echo '  fuzz            build and run each libFuzzer target for FUZZ_SECONDS (fuzz-seeds: regenerate seeds)'
+	@echo '  check-asan      the Check suite under ASan+UBSan (build-asan/)'
+	@echo '  check-valgrind  the Check suite under valgrind memcheck (CK_RUN_SUITE=<area> to select)'
+	@echo '  check-tsan      the threaded tests under ThreadSanitizer (build-tsan/)'
+	@echo '  check-abi       exports vs tests/abi/symbols.txt, abidiff vs tests/abi/libperl.abi (update-abi)'
 	@echo '  install         install-pc install-static install-shared install-includes'
 	@echo '  uninstall       remove every installed file'
 	@echo '  clean           remove build/'
