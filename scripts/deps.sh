@@ -32,7 +32,12 @@ esac
 required=(gcc libc6-dev make binutils pkg-config "$blas_package")
 optional=()
 case "$mode" in
-    check) required+=(g++ check) ;;  # g++: the header and install checks in C++; check: unit tests
+    check)
+        required+=(g++ check) # g++: the header and install checks in C++; check: unit tests
+        # each runs in make check when present: the demo's plot, the Python
+        # bindings' tests (numpy for the zero-copy paths), the 2-rank MPI test
+        optional+=(gnuplot-nox python3 python3-numpy openmpi-bin libopenmpi-dev)
+        ;;
     demo) optional+=(gnuplot-nox) ;; # the demo plots its training curves when gnuplot exists
     bench) ;;
 esac
@@ -96,7 +101,7 @@ for package in ${optional[@]+"${optional[@]}"}; do
     if [ "$can_install" = yes ] && apt_install "$package" >/dev/null 2>&1; then
         continue
     fi
-    echo "deps.sh: warning: optional package $package is not installed (used only for the demo's plot);" \
-        "install it with: $(install_command "$package")" >&2
+    echo "deps.sh: warning: optional package $package is not installed (the parts that need it are" \
+        "skipped); install it with: $(install_command "$package")" >&2
 done
 exit 0
