@@ -271,12 +271,17 @@ check:
 	 else echo "make check: $(CARGO) not found, check-rust skipped"; fi
 	@if command -v $(MPICC) >/dev/null 2>&1 && command -v $(MPIRUN) >/dev/null 2>&1; then $(SUBMAKE) check-mpi; \
 	 else echo "make check: $(MPICC)/$(MPIRUN) not found, check-mpi skipped"; fi
-	@echo "make check: all passed"
+	@echo "make check: every step passed; unit tests:"
+	@tail -n 1 $(BUILD)/tests/check-unit.log | sed 's/^run_tests: [0-9]* suites*: /unit: /'
 
 check-build: all examples bench-build tests
 
+# Tests that look for built artefacts (the ABI test, the demo test) find them
+# through LIBPERL_BUILD_DIR, so BUILD=other-dir works too.
 check-unit: $(TEST_RUNNER)
-	$(TEST_RUNNER)
+	@{ LIBPERL_BUILD_DIR=$${LIBPERL_BUILD_DIR:-$(BUILD)} $(TEST_RUNNER); echo $$? > $(BUILD)/tests/check-unit.rc; } \
+	    2>&1 | tee $(BUILD)/tests/check-unit.log
+	@exit $$(cat $(BUILD)/tests/check-unit.rc)
 
 # The public header, alone, pedantic: C99 and C11 (gcc, and clang when
 # present) and C++11 (g++).  Compiled to objects under build/check-header/.
