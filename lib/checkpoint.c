@@ -3,6 +3,7 @@
 
 #include "fileio.h"
 
+#include <math.h>
 #include <string.h>
 
 #define STATE_MAGIC "LPSTATE"
@@ -37,6 +38,7 @@ typedef struct state_header {
     float lr_override;
     float lr, beta1, beta2, eps, weight_decay, max_grad_norm, min_lr_ratio;
     int32_t schedule, warmup_steps, total_steps;
+    uint64_t seed; /* dropout masks derive from (seed, dropout_counter) */
 } state_header;
 
 typedef struct writer {
@@ -54,8 +56,10 @@ static void put(writer *w, const void *data, size_t len) {
 static state_header header_of(const perl_lora *lora) {
     state_header h;
     memset(&h, 0, sizeof h); /* padding bytes too: the CRC covers them */
-    h.mode = lora->opts.mode, h.rank = lora->opts.rank, h.dim = lora->model->cfg.dim;
-    h.n_layers = lora->model->cfg.n_layers, h.target_modules = lora->opts.target_modules;
+    int lora_mode = lora->opts.mode == LIBPERL_MODE_LORA; /* rank and targets mean nothing in FULL mode */
+    h.mode = lora->opts.mode, h.rank = lora_mode ? lora->opts.rank : 0, h.dim = lora->model->cfg.dim;
+    h.n_layers = lora->model->cfg.n_layers, h.target_modules = lora_mode ? lora->opts.target_modules : 0;
+    h.seed = lora->opts.seed;
     h.has_head = lora->head != NULL, h.has_moments = lora->adam_m != NULL;
     h.n_params = lora->n_params, h.step = lora->step, h.dropout_counter = lora->dropout_counter;
     h.lr_override = lora->lr_override;
@@ -93,6 +97,19 @@ int lora_state_save(const perl_lora *lora, const char *path, const void *extra, 
     return atomic_file_commit(&w.file);
 }
 
+/* The optimizer fields must pass perl_lora_set_optimizer's checks (and the
+ * counters be sane): a crafted file with a valid CRC could otherwise install
+ * a NaN learning rate or a negative warmup, which overflows lr_schedule's
+ * int arithmetic (found by fuzzing, tests/fuzz/fuzz_train_state.c). */
+static int header_values_ok(const state_header *h) {
+    return isfinite(h->lr) && h->lr >= 0.0f && h->beta1 >= 0.0f && h->beta1 < 1.0f && h->beta2 >= 0.0f &&
+           h->beta2 < 1.0f && h->eps > 0.0f && isfinite(h->eps) && h->weight_decay >= 0.0f &&
+           isfinite(h->weight_decay) && isfinite(h->max_grad_norm) && h->schedule >= LIBPERL_LR_CONSTANT &&
+           h->schedule <= LIBPERL_LR_COSINE && h->warmup_steps >= 0 && h->total_steps >= 0 &&
+           h->min_lr_ratio >= 0.0f && h->min_lr_ratio <= 1.0f && h->step >= 0 && h->step < ((int64_t)1 << 62) &&
+           isfinite(h->lr_override);
+}
+
 typedef struct reader {
     const unsigned char *p;
     size_t left;
@@ -115,7 +132,7 @@ int lora_state_load(perl_lora *lora, const char *path, void **out_extra, size_t 
     uint32_t version, header_bytes, stored_crc;
     state_header h;
     const void *magic = take(&r, 8), *pv = take(&r, 4), *pb = take(&r, 4);
-    if (!magic || memcmp(magic, STATE_MAGIC, 8) != 0) {
+    if (!magic || !pv || !pb || memcmp(magic, STATE_MAGIC, 8) != 0) { /* pv, pb: a file of 8..15 bytes */
         rc = perl_fail(LIBPERL_ERR_FORMAT, "%s: not a libperl training state (bad magic)", path);
         goto done;
     }
@@ -131,7 +148,12 @@ int lora_state_load(perl_lora *lora, const char *path, void **out_extra, size_t 
         rc = perl_fail(LIBPERL_ERR_FORMAT, "%s: checksum mismatch (truncated or corrupt training state)", path);
         goto done;
     }
-    memcpy(&h, take(&r, sizeof h), sizeof h); /* the CRC passed, so the size is at least this */
+    const void *ph = take(&r, sizeof h); /* a valid CRC says nothing about the size (fuzzing found this) */
+    if (!ph) {
+        rc = perl_fail(LIBPERL_ERR_FORMAT, "%s: training state truncated inside its header", path);
+        goto done;
+    }
+    memcpy(&h, ph, sizeof h);
     state_header mine = header_of(lora);
     if (h.mode != mine.mode || h.rank != mine.rank || h.dim != mine.dim || h.n_layers != mine.n_layers ||
         h.target_modules != mine.target_modules || h.has_head != mine.has_head || h.n_params != mine.n_params) {
@@ -140,6 +162,10 @@ int lora_state_load(perl_lora *lora, const char *path, void **out_extra, size_t 
                        "this one: mode %d rank %d targets 0x%x head %d, %llu params)",
                        path, h.mode, h.rank, h.target_modules, h.has_head, (unsigned long long)h.n_params, mine.mode,
                        mine.rank, mine.target_modules, mine.has_head, (unsigned long long)mine.n_params);
+        goto done;
+    }
+    if (!header_values_ok(&h)) {
+        rc = perl_fail(LIBPERL_ERR_FORMAT, "%s: training state holds invalid optimizer settings or step count", path);
         goto done;
     }
     size_t bytes = (size_t)h.n_params * sizeof(float);
@@ -151,6 +177,20 @@ int lora_state_load(perl_lora *lora, const char *path, void **out_extra, size_t 
     const void *extra = pe ? take(&r, (size_t)extra_len) : NULL;
     if (!params || (h.has_moments && (!m || !v)) || !pe || (extra_len && !extra) || r.left != 4) {
         rc = perl_fail(LIBPERL_ERR_FORMAT, "%s: training state sections do not add up to the file size", path);
+        goto done;
+    }
+    /* As peft_load: non-finite values would reach the kernels (an all-NaN
+     * logit row overruns lm_head.c's argmax scan; found by fuzzing). */
+    int finite = perl_isfinite_array(params, (size_t)h.n_params) &&
+                 (!h.has_moments || (perl_isfinite_array(m, (size_t)h.n_params) &&
+                                     perl_isfinite_array(v, (size_t)h.n_params)));
+    for (size_t i = 0; finite && h.has_moments && i < (size_t)h.n_params; i++) {
+        float vi;
+        memcpy(&vi, (const char *)v + i * sizeof(float), sizeof vi); /* the mapping may be unaligned */
+        finite = vi >= 0.0f;
+    }
+    if (!finite) {
+        rc = perl_fail(LIBPERL_ERR_NUMERIC, "%s: training state holds NaN, Inf or negative second moments", path);
         goto done;
     }
     float *new_m = NULL, *new_v = NULL;
@@ -176,6 +216,7 @@ int lora_state_load(perl_lora *lora, const char *path, void **out_extra, size_t 
     if (h.has_moments) memcpy(new_m, m, bytes), memcpy(new_v, v, bytes);
     lora->step = h.step;
     lora->dropout_counter = h.dropout_counter;
+    lora->opts.seed = h.seed;
     lora->lr_override = h.lr_override;
     perl_optim_options *o = &lora->optim;
     o->lr = h.lr, o->beta1 = h.beta1, o->beta2 = h.beta2, o->eps = h.eps, o->weight_decay = h.weight_decay;
