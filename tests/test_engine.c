@@ -304,6 +304,49 @@ START_TEST(state_resume_with_dropout) {
 }
 END_TEST
 
+/* Warmup then linear / cosine decay to min_lr_ratio, and the host override;
+ * each step reports the rate it used. */
+START_TEST(lr_schedules) {
+    fixture f;
+    fixture_init(&f, 0, 0);
+    perl_lora *lora = make_adapter(&f, LIBPERL_MODE_LORA, LIBPERL_TARGET_Q, 0.0f);
+    perl_optim_options o;
+    perl_optim_options_init(&o);
+    o.lr = 1e-3f, o.warmup_steps = 2, o.total_steps = 6, o.min_lr_ratio = 0.1f;
+    const float linear[] = {5e-4f, 1e-3f, 1e-3f, 7.75e-4f, 5.5e-4f, 3.25e-4f, 1e-4f, 1e-4f};
+    const float cosine[] = {5e-4f, 1e-3f, 1e-3f, 8.6820e-4f, 5.5e-4f, 2.3180e-4f, 1e-4f, 1e-4f};
+    for (int schedule = LIBPERL_LR_LINEAR; schedule <= LIBPERL_LR_COSINE; schedule++) {
+        perl_lora *l = make_adapter(&f, LIBPERL_MODE_LORA, LIBPERL_TARGET_Q, 0.0f);
+        o.schedule = schedule;
+        ck_assert_int_eq(perl_lora_set_optimizer(l, &o), LIBPERL_OK);
+        for (int k = 0; k < 8; k++) {
+            perl_step_stats st;
+            perl_step_stats_init(&st);
+            ck_assert_int_eq(perl_lora_sft_step(l, &f.batch, NULL, &st), LIBPERL_OK);
+            float want = schedule == LIBPERL_LR_LINEAR ? linear[k] : cosine[k];
+            ck_assert_msg(fabsf(st.lr - want) < 1e-7f, "schedule %d step %d: lr %g, expected %g", schedule, k,
+                          (double)st.lr, (double)want);
+            ck_assert_int_eq(st.step, k + 1);
+        }
+        perl_lora_free(l);
+    }
+    o.schedule = LIBPERL_LR_CONSTANT;
+    ck_assert_int_eq(perl_lora_set_optimizer(lora, &o), LIBPERL_OK);
+    ck_assert_int_eq(perl_lora_set_lr(lora, 3e-2f), LIBPERL_OK);
+    perl_step_stats st;
+    perl_step_stats_init(&st);
+    ck_assert_int_eq(perl_lora_sft_step(lora, &f.batch, NULL, &st), LIBPERL_OK);
+    ck_assert_float_eq(st.lr, 3e-2f);
+    ck_assert_int_eq(perl_lora_set_lr(lora, -1.0f), LIBPERL_OK); /* back to the schedule */
+    ck_assert_int_eq(perl_lora_sft_step(lora, &f.batch, NULL, &st), LIBPERL_OK);
+    ck_assert_float_eq_tol(st.lr, 1e-3f, 1e-9f);
+    o.lr = NAN;
+    ck_assert_int_eq(perl_lora_set_optimizer(lora, &o), LIBPERL_ERR_INVALID_ARGUMENT);
+    perl_lora_free(lora);
+    perl_model_free(f.model);
+}
+END_TEST
+
 Suite *suite_engine(void) {
     Suite *s = suite_create("engine");
     TCase *tc = tcase_create("engine");
@@ -319,6 +362,7 @@ Suite *suite_engine(void) {
     tcase_add_test(tc, optimizer_guards);
     tcase_add_test(tc, bad_batches);
     tcase_add_test(tc, state_resume_with_dropout);
+    tcase_add_test(tc, lr_schedules);
     suite_add_tcase(s, tc);
     return s;
 }
