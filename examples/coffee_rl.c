@@ -27,26 +27,21 @@
  * step), reward/ and policy/ (adapters in PEFT layout, perl_lora_save).
  * Only <libperl/libperl.h> is used, plus the host helpers in examples/common.
  */
-#define _POSIX_C_SOURCE 200809L /* clock_gettime, getrusage */
-
 #include <libperl/libperl.h>
 
 #include <errno.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
-#include <time.h>
 
 #include "byte_tokens.h"
+#include "coffee_data.h"
+#include "eval.h"
 #include "json_lite.h"
 #include "text_io.h"
 
-#define SPLIT_SALT 0x5eedf00dull /* reward_train's salt: the same held-out conversations */
-#define HELD_OUT_EVERY 5
 #define EVAL_BATCH 32
 #define MAX_STOP 16
 #define NEWLINE_TOKEN ('\n' + BYTE_TOKEN_OFFSET)
@@ -110,57 +105,23 @@ static void usage(FILE *f) {
                "  --stop-ids LIST         comma-separated ids that end a response (default: EOS)\n");
 }
 
-static int fail(const char *fmt, ...) {
-    va_list ap;
-    fputs("coffee_rl: ", stderr);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-    return -1;
-}
-
-static int parse_int(const char *s, int lo, int hi, int *out, const char *name) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi)
-        return fail("%s: '%s' is not an integer in [%d, %d]", name, s, lo, hi);
-    *out = (int)v;
-    return 0;
-}
-
-static int parse_float(const char *s, float lo, float hi, float *out, const char *name) {
-    char *end;
-    errno = 0;
-    float v = strtof(s, &end);
-    if (errno || end == s || *end || !(v >= lo && v <= hi))
-        return fail("%s: '%s' is not a number in [%g, %g]", name, s, (double)lo, (double)hi);
-    *out = v;
-    return 0;
-}
-
 /* Checks that combine options. */
 static int check_options(const options *o) {
     if (strcmp(o->algo, "rloo") != 0 && strcmp(o->algo, "reinforce") != 0)
-        return fail("--algo must be rloo or reinforce");
+        return ex_fail("--algo must be rloo or reinforce");
     if (strcmp(o->algo, "rloo") == 0 && (o->group < 2 || o->batch % o->group != 0))
-        return fail("rloo needs --group >= 2 dividing --batch (%d, %d)", o->group, o->batch);
-    if (o->rm_tokens && !o->prompt_tokens) return fail("--rm-tokens needs --prompt-tokens");
+        return ex_fail("rloo needs --group >= 2 dividing --batch (%d, %d)", o->group, o->batch);
+    if (o->rm_tokens && !o->prompt_tokens) return ex_fail("--rm-tokens needs --prompt-tokens");
     if (o->prompt_tokens && !o->rm_tokens && !o->reward_dir)
-        return fail("--prompt-tokens needs a reward model: --rm-tokens FILE to train one, or --reward DIR");
-    if (o->stop_ids && !o->prompt_tokens) return fail("--stop-ids is for --prompt-tokens (bytes stop at newline/EOS)");
+        return ex_fail("--prompt-tokens needs a reward model: --rm-tokens FILE to train one, or --reward DIR");
+    if (o->stop_ids && !o->prompt_tokens)
+        return ex_fail("--stop-ids is for --prompt-tokens (bytes stop at newline/EOS)");
     return 0;
 }
 
 /* Parses argv into o; returns 1 after --help, -1 on an error. */
 static int parse_args(int argc, char **argv, options *o) {
-    struct {
-        const char *name;
-        int *ivalue, lo, hi;
-        float *fvalue, flo, fhi;
-        const char **svalue;
-    } table[] = {
+    const ex_option table[] = {
         {"--steps", &o->steps, 1, 10000000, NULL, 0, 0, NULL},
         {"--batch", &o->batch, 1, 4096, NULL, 0, 0, NULL},
         {"--group", &o->group, 1, 4096, NULL, 0, 0, NULL},
@@ -188,51 +149,17 @@ static int parse_args(int argc, char **argv, options *o) {
         {"--prompt-tokens", NULL, 0, 0, NULL, 0, 0, &o->prompt_tokens},
         {"--stop-ids", NULL, 0, 0, NULL, 0, 0, &o->stop_ids},
     };
-    size_t n = sizeof table / sizeof table[0];
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) return usage(stdout), 1;
         if (strcmp(argv[i], "--quick") == 0) {
             options_quick(o);
             continue;
         }
-        size_t k = 0;
-        while (k < n && strcmp(argv[i], table[k].name) != 0) k++;
-        if (k == n && strcmp(argv[i], "--seed") != 0) return usage(stderr), fail("unknown option '%s'", argv[i]);
-        if (i + 1 >= argc) return fail("%s needs a value", argv[i]);
-        const char *v = argv[++i];
-        int rc = 0;
-        if (k == n) { /* --seed: 64 bits */
-            char *end;
-            errno = 0;
-            o->seed = strtoull(v, &end, 10);
-            rc = errno || end == v || *end ? fail("--seed: '%s' is not an unsigned integer", v) : 0;
-        } else if (table[k].ivalue) {
-            rc = parse_int(v, table[k].lo, table[k].hi, table[k].ivalue, table[k].name);
-        } else if (table[k].fvalue) {
-            rc = parse_float(v, table[k].flo, table[k].fhi, table[k].fvalue, table[k].name);
-        } else {
-            *table[k].svalue = v;
-        }
+        int rc = ex_option_arg(table, sizeof table / sizeof table[0], &o->seed, argc, argv, &i);
+        if (rc > 0) return usage(stderr), ex_fail("unknown option '%s'", argv[i]);
         if (rc) return -1;
     }
     return check_options(o);
-}
-
-static double now_seconds(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static double peak_rss_mb(void) {
-    struct rusage ru;
-    return getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_maxrss / 1024.0 : NAN; /* Linux: kilobytes */
-}
-
-/* xorshift64*: batch order and prompt choice (the library seeds its own sampling). */
-static uint64_t rng_next(uint64_t *s) {
-    *s ^= *s >> 12, *s ^= *s << 25, *s ^= *s >> 27;
-    return *s * 2685821657736338717ull;
 }
 
 /* ---- data: token sequences with a label and a split flag ---------------------------- */
@@ -260,120 +187,47 @@ static int item_list_add(item_list *l, int32_t *ids, int32_t len, float label, i
     if (l->n == l->cap) {
         int cap = l->cap ? 2 * l->cap : 256;
         item *p = realloc(l->items, (size_t)cap * sizeof *p);
-        if (!p) return free(ids), fail("out of memory");
+        if (!p) return free(ids), ex_fail("out of memory");
         l->items = p, l->cap = cap;
     }
     l->items[l->n++] = (item){ids, len, label, held_out};
     return 0;
 }
 
-static int held_out_group(const char *key, size_t n) { return ex_hash64(key, n, SPLIT_SALT) % HELD_OUT_EVERY == 0; }
-
 /* ---- data: Taskmaster Coffee JSON (rendered as in reward_train) ---------------------- */
-
-/* "role: text", "role: api {...}" or "role: {...}" plus a newline. */
-static int render_turn(const jl_value *turn, ex_buf *out, const char *where) {
-    const char *role = jl_string(jl_get(turn, "role"));
-    if (!role) return fail("%s: a turn without a string \"role\"", where);
-    const jl_value *text = jl_get(turn, "text"), *api = jl_get(turn, "api"), *response = jl_get(turn, "response");
-    int ok = ex_buf_puts(out, role) == 0 && ex_buf_puts(out, ": ") == 0;
-    if (text && text->type == JL_STRING)
-        ok = ok && ex_buf_append(out, text->string, text->length) == 0;
-    else if (api)
-        ok = ok && ex_buf_puts(out, "api ") == 0 && jl_write(api, out) == 0;
-    else if (response)
-        ok = ok && jl_write(response, out) == 0;
-    else
-        return fail("%s: a \"%s\" turn with no \"text\", \"api\" or \"response\"", where, role);
-    return ok && ex_buf_puts(out, "\n") == 0 ? 0 : fail("out of memory");
-}
-
-/* Parses a field that holds JSON text (context / generation are JSON-encoded strings). */
-static int parse_embedded(const jl_value *rec, const char *field, jl_type want, const char *where, jl_value **out) {
-    const jl_value *s = jl_get(rec, field);
-    char err[512], source[300];
-    if (!s || s->type != JL_STRING) return fail("%s: \"%s\" must be a string (JSON-encoded)", where, field);
-    snprintf(source, sizeof source, "%s \"%s\"", where, field);
-    if (jl_parse(s->string, s->length, source, out, err, sizeof err) != 0) return fail("%s", err);
-    if ((*out)->type != want) {
-        jl_type got = (*out)->type;
-        jl_free(*out);
-        *out = NULL;
-        return fail("%s: \"%s\" holds a %s, expected an %s", where, field, jl_type_name(got), jl_type_name(want));
-    }
-    return 0;
-}
 
 /* BOS + the last max_len - 1 bytes of text, no EOS: a prompt the policy continues. */
 static int encode_prompt(const char *text, size_t n, int max_len, int32_t **out, int32_t *out_len) {
     int32_t *ids = malloc((size_t)(max_len + 1) * sizeof *ids);
-    if (!ids) return fail("out of memory");
+    if (!ids) return ex_fail("out of memory");
     *out_len = byte_tokens_encode_tail(text, n, ids, max_len + 1) - 1; /* drop the EOS */
     *out = ids;
     return 0;
 }
 
+typedef struct load_ctx {
+    const options *o;
+    item_list *rm, *prompts;
+} load_ctx;
+
 /* One record: the reward example (context + generation) and the policy prompt (context + "agent: "). */
-static int coffee_record(const jl_value *rec, const char *where, const options *o, item_list *rm, item_list *prompts) {
-    if (rec->type != JL_OBJECT) return fail("%s: expected an object", where);
-    const char *id = jl_string(jl_get(rec, "conversation_id"));
-    const jl_value *reward = jl_get(rec, "reward");
-    if (!id) return fail("%s: missing string \"conversation_id\"", where);
-    if (!reward || reward->type != JL_NUMBER || (reward->number != 0.0 && reward->number != 1.0))
-        return fail("%s: \"reward\" must be the number 0 or 1", where);
-    jl_value *context = NULL, *generation = NULL;
-    if (parse_embedded(rec, "context", JL_ARRAY, where, &context) != 0) return -1;
-    if (parse_embedded(rec, "generation", JL_OBJECT, where, &generation) != 0) return jl_free(context), -1;
-    ex_buf text = {NULL, 0, 0};
-    int rc = 0, held = held_out_group(id, strlen(id));
-    for (size_t t = 0; rc == 0 && t < context->count; t++)
-        rc = context->items[t]->type == JL_OBJECT ? render_turn(context->items[t], &text, where)
-                                                   : fail("%s: context turn %zu is not an object", where, t);
-    size_t context_len = text.len;
-    if (rc == 0) rc = render_turn(generation, &text, where);
-    int32_t *ids = NULL, len = 0;
-    if (rc == 0 && !(ids = malloc((size_t)o->seq_len * sizeof *ids))) rc = fail("out of memory");
-    if (rc == 0) {
-        len = byte_tokens_encode_tail(text.data, text.len, ids, o->seq_len);
-        rc = item_list_add(rm, ids, len, (float)reward->number, held);
-    }
+static int coffee_record(void *ctx, ex_buf *text, size_t context_len, float label, int held) {
+    const load_ctx *c = ctx;
+    int32_t *ids = malloc((size_t)c->o->seq_len * sizeof *ids), len;
+    if (!ids) return ex_fail("out of memory");
+    len = byte_tokens_encode_tail(text->data, text->len, ids, c->o->seq_len);
+    if (item_list_add(c->rm, ids, len, label, held) != 0) return -1;
     /* the prompt: the context, then the agent's turn prefix ("agent: " replaces the generation) */
-    text.len = context_len;
-    if (rc == 0 && ex_buf_puts(&text, "agent: ") != 0) rc = fail("out of memory");
-    if (rc == 0) rc = encode_prompt(text.data, text.len, o->prompt_len, &ids, &len);
-    if (rc == 0) rc = item_list_add(prompts, ids, len, 0.0f, held);
-    ex_buf_free(&text);
-    jl_free(context);
-    jl_free(generation);
-    return rc;
+    text->len = context_len;
+    if (ex_buf_puts(text, "agent: ") != 0) return ex_fail("out of memory");
+    if (encode_prompt(text->data, text->len, c->o->prompt_len, &ids, &len) != 0) return -1;
+    return item_list_add(c->prompts, ids, len, 0.0f, held);
 }
 
 /* reward_00.json, reward_01.json, ... until one is missing. */
 static int load_coffee(const options *o, item_list *rm, item_list *prompts) {
-    char path[4096], err[512];
-    int files = 0;
-    for (int k = 0; k < 100; k++, files++) {
-        snprintf(path, sizeof path, "%s/data/taskmaster-coffee/reward_%02d.json", o->shared, k);
-        if (!ex_path_exists(path)) break;
-        char *text;
-        size_t len;
-        jl_value *root;
-        if (ex_read_file(path, &text, &len, err, sizeof err) != 0) return fail("%s", err);
-        int rc = jl_parse(text, len, path, &root, err, sizeof err);
-        free(text);
-        if (rc != 0) return fail("%s", err);
-        if (root->type != JL_ARRAY) rc = fail("%s: expected a JSON array of records", path);
-        for (size_t i = 0; rc == 0 && i < root->count; i++) {
-            char where[4200];
-            snprintf(where, sizeof where, "%s: record %zu", path, i);
-            rc = coffee_record(root->items[i], where, o, rm, prompts);
-        }
-        jl_free(root);
-        if (rc != 0) return -1;
-    }
-    if (files == 0)
-        return fail("%s/data/taskmaster-coffee/reward_00.json not found (set --shared or PERL_SHARED_DIR)", o->shared);
-    return 0;
+    load_ctx c = {o, rm, prompts};
+    return coffee_load_rewards(o->shared, coffee_record, &c);
 }
 
 /* ---- data: token files ----------------------------------------------------------------
@@ -382,69 +236,32 @@ static int load_coffee(const options *o, item_list *rm, item_list *prompts) {
  * same per-line hash as reward_train's.  A sequence longer than max_len keeps
  * its first token (BOS) and its last max_len - 1 tokens. */
 
-static int parse_ids(const char *s, const char *end, int max_len, int32_t **out, int32_t *out_len, const char *where) {
-    int cap = 64, n = 0;
-    int32_t *ids = malloc((size_t)cap * sizeof *ids);
-    if (!ids) return fail("out of memory");
-    while (s < end) {
-        while (s < end && (*s == ' ' || *s == '\t' || *s == '\r')) s++;
-        if (s >= end) break;
-        char *stop;
-        errno = 0;
-        long v = strtol(s, &stop, 10);
-        if (stop == s || stop > end || errno || v < 0 || v > INT32_MAX)
-            return free(ids), fail("%s: expected a non-negative token id at '%.20s'", where, s);
-        if (n == cap) {
-            int32_t *p = realloc(ids, (size_t)(cap *= 2) * sizeof *ids);
-            if (!p) return free(ids), fail("out of memory");
-            ids = p;
-        }
-        ids[n++] = (int32_t)v;
-        s = stop;
-    }
-    if (n == 0) return free(ids), fail("%s: an empty sequence", where);
-    if (n > max_len) {
-        memmove(ids + 1, ids + (n - (max_len - 1)), (size_t)(max_len - 1) * sizeof *ids);
-        n = max_len;
-    }
-    *out = ids, *out_len = n;
-    return 0;
-}
+typedef struct token_ctx {
+    int labelled, max_len;
+    item_list *l;
+} token_ctx;
 
-static int token_line(const char *s, const char *end, const char *where, int labelled, int max_len, item_list *l) {
-    int held = held_out_group(s, (size_t)(end - s));
+static int token_line(void *ctx, const char *s, const char *end, const char *where) {
+    const token_ctx *c = ctx;
+    int held = coffee_held_out(s, (size_t)(end - s));
     float label = 0.0f;
-    if (labelled) {
+    if (c->labelled) {
         const char *colon = memchr(s, ':', (size_t)(end - s));
         char *stop;
         long v = strtol(s, &stop, 10);
         while (colon && stop < colon && (*stop == ' ' || *stop == '\t')) stop++;
-        if (!colon || stop != colon || (v != 0 && v != 1)) return fail("%s: expected '<label 0|1>: ids'", where);
+        if (!colon || stop != colon || (v != 0 && v != 1)) return ex_fail("%s: expected '<label 0|1>: ids'", where);
         label = (float)v, s = colon + 1;
     }
     int32_t *ids = NULL, len = 0;
-    if (parse_ids(s, end, max_len, &ids, &len, where) != 0) return -1;
-    return item_list_add(l, ids, len, label, held);
+    if (coffee_parse_ids(s, end, c->max_len, &ids, &len, NULL, where) != 0) return -1;
+    return item_list_add(c->l, ids, len, label, held);
 }
 
 static int load_token_file(const char *path, int labelled, int max_len, item_list *l) {
-    char *text, err[512];
-    size_t len;
-    if (ex_read_file(path, &text, &len, err, sizeof err) != 0) return fail("%s", err);
-    int rc = 0, line = 0;
-    for (size_t pos = 0; rc == 0 && pos < len; line++) {
-        char *nl = memchr(text + pos, '\n', len - pos);
-        size_t end = nl ? (size_t)(nl - text) : len, first = pos;
-        while (first < end && (text[first] == ' ' || text[first] == '\t' || text[first] == '\r')) first++;
-        if (first < end && text[first] != '#') {
-            char where[4200];
-            snprintf(where, sizeof where, "%s:%d", path, line + 1);
-            rc = token_line(text + first, text + end, where, labelled, max_len, l);
-        }
-        pos = end + 1;
-    }
-    free(text);
-    return rc == 0 && l->n == 0 ? fail("%s: no examples", path) : rc;
+    token_ctx c = {labelled, max_len, l};
+    int rc = coffee_token_lines(path, token_line, &c);
+    return rc == 0 && l->n == 0 ? ex_fail("%s: no examples", path) : rc;
 }
 
 /* "13,2" into ids[]. */
@@ -455,11 +272,11 @@ static int parse_stop_ids(const char *s, int32_t *ids, int *n) {
         errno = 0;
         long v = strtol(s, &end, 10);
         if (end == s || errno || v < 0 || v > INT32_MAX || *n == MAX_STOP || (*end && *end != ','))
-            return fail("--stop-ids: expected up to %d comma-separated token ids, got '%s'", MAX_STOP, s);
+            return ex_fail("--stop-ids: expected up to %d comma-separated token ids, got '%s'", MAX_STOP, s);
         ids[(*n)++] = (int32_t)v;
         s = *end ? end + 1 : end;
     }
-    return *n ? 0 : fail("--stop-ids: empty list");
+    return *n ? 0 : ex_fail("--stop-ids: empty list");
 }
 
 /* Largest id of a list, checked against the vocabulary up front (a clear message, not a library range error). */
@@ -467,8 +284,8 @@ static int check_vocab(const item_list *l, int vocab, const char *what) {
     for (int i = 0; i < l->n; i++)
         for (int t = 0; t < l->items[i].len; t++)
             if (l->items[i].ids[t] >= vocab)
-                return fail("%s: token id %d is outside the base model's vocabulary (%d): tokenised for another model?",
-                            what, l->items[i].ids[t], vocab);
+                return ex_fail("%s: token id %d is outside the base model's vocabulary (%d): tokenised for another "
+                               "model?", what, l->items[i].ids[t], vocab);
     return 0;
 }
 
@@ -481,7 +298,7 @@ static int make_split(const item_list *l, int eval_max, split *s) {
     s->train = malloc((size_t)(l->n + 1) * sizeof(int));
     s->eval = malloc((size_t)(l->n + 1) * sizeof(int));
     s->n_train = s->n_eval = 0;
-    if (!s->train || !s->eval) return fail("out of memory");
+    if (!s->train || !s->eval) return ex_fail("out of memory");
     for (int i = 0; i < l->n; i++) {
         if (!l->items[i].held_out)
             s->train[s->n_train++] = i;
@@ -503,49 +320,13 @@ static void split_free(split *s) {
 
 /* ---- batches ------------------------------------------------------------------------ */
 
-typedef struct batch_buf {
-    int32_t *tokens, *lengths;
-    size_t cap_tokens;
-    int cap_rows;
-    perl_batch batch;
-} batch_buf;
-
-/* Sizes b for rows x seq_len, filled with padding; rows are then set with batch_put. */
-static int batch_begin(batch_buf *b, int rows, int seq_len) {
-    size_t need = (size_t)rows * (size_t)seq_len;
-    if (need > b->cap_tokens) {
-        int32_t *p = realloc(b->tokens, need * sizeof *p);
-        if (!p) return fail("out of memory");
-        b->tokens = p, b->cap_tokens = need;
-    }
-    if (rows > b->cap_rows) {
-        int32_t *p = realloc(b->lengths, (size_t)rows * sizeof *p);
-        if (!p) return fail("out of memory");
-        b->lengths = p, b->cap_rows = rows;
-    }
-    for (size_t i = 0; i < need; i++) b->tokens[i] = BYTE_TOKEN_PAD;
-    perl_batch_init(&b->batch);
-    b->batch.batch_size = rows, b->batch.seq_len = seq_len, b->batch.tokens = b->tokens, b->batch.lengths = b->lengths;
-    return 0;
-}
-
-static void batch_put(batch_buf *b, int row, const int32_t *ids, int n) {
-    memcpy(b->tokens + (size_t)row * b->batch.seq_len, ids, (size_t)n * sizeof *ids);
-    b->lengths[row] = n;
-}
-
-static void batch_buf_free(batch_buf *b) {
-    free(b->tokens);
-    free(b->lengths);
-}
-
 /* Items idx[0..count) of l, each repeated `repeat` times in consecutive rows (RLOO groups). */
-static perl_batch *batch_items(batch_buf *b, const item_list *l, const int *idx, int count, int repeat) {
+static perl_batch *batch_items(ex_batch_buf *b, const item_list *l, const int *idx, int count, int repeat) {
     int seq = 1;
     for (int i = 0; i < count; i++) seq = l->items[idx[i]].len > seq ? l->items[idx[i]].len : seq;
-    if (batch_begin(b, count * repeat, seq) != 0) return NULL;
+    if (ex_batch_begin(b, count * repeat, seq) != 0) return NULL;
     for (int i = 0; i < count; i++)
-        for (int r = 0; r < repeat; r++) batch_put(b, i * repeat + r, l->items[idx[i]].ids, l->items[idx[i]].len);
+        for (int r = 0; r < repeat; r++) ex_batch_put(b, i * repeat + r, l->items[idx[i]].ids, l->items[idx[i]].len);
     return &b->batch;
 }
 
@@ -562,7 +343,7 @@ typedef struct app {
     split rm_split, prompt_split;
     int32_t stop[MAX_STOP];
     int n_stop, byte_level;
-    batch_buf prompt_buf, score_buf;
+    ex_batch_buf prompt_buf, score_buf;
     int32_t *responses, *response_lengths; /* [rows, max_new], [rows] */
     float *rewards;
     int rows; /* capacity of the three arrays above */
@@ -578,8 +359,8 @@ static void app_free(app *a) {
     item_list_free(&a->prompts);
     split_free(&a->rm_split);
     split_free(&a->prompt_split);
-    batch_buf_free(&a->prompt_buf);
-    batch_buf_free(&a->score_buf);
+    ex_batch_buf_free(&a->prompt_buf);
+    ex_batch_buf_free(&a->score_buf);
     free(a->responses);
     free(a->response_lengths);
     free(a->rewards);
@@ -590,18 +371,19 @@ static int load_base(app *a) {
     char config[4200];
     snprintf(config, sizeof config, "%s/config.json", a->o.base);
     if (!ex_path_exists(config))
-        return fail("no base model at %s (no config.json).\n"
-                    "  Build the byte-level coffee base first (about 7 minutes on 2 cores), e.g.:\n"
-                    "    make examples && build/examples/reward_train --mode lora --steps 1 --base %s\n"
-                    "  or pass --base DIR with any Hugging Face Llama-family checkpoint directory.",
-                    a->o.base, a->o.base);
+        return ex_fail("no base model at %s (no config.json).\n"
+                       "  Build the byte-level coffee base first (about 7 minutes on 2 cores), e.g.:\n"
+                       "    make examples && build/examples/reward_train --mode lora --steps 1 --base %s\n"
+                       "  or pass --base DIR with any Hugging Face Llama-family checkpoint directory.",
+                       a->o.base, a->o.base);
     perl_model_config_init(&a->cfg);
     if (perl_model_load(&a->model, a->o.base) != 0 || perl_model_get_config(a->model, &a->cfg) != 0)
-        return fail("%s: %s", a->o.base, perl_last_error());
-    if (a->o.seq_len > a->cfg.max_seq_len) return fail("--seq-len %d exceeds the context %d", a->o.seq_len, a->cfg.max_seq_len);
+        return ex_fail("%s: %s", a->o.base, perl_last_error());
+    if (a->o.seq_len > a->cfg.max_seq_len)
+        return ex_fail("--seq-len %d exceeds the context %d", a->o.seq_len, a->cfg.max_seq_len);
     if (a->o.prompt_len + a->o.max_new + 2 > a->cfg.max_seq_len) /* + newline and EOS when scoring */
-        return fail("--prompt-len + --max-new + 2 (%d) exceeds the context %d", a->o.prompt_len + a->o.max_new + 2,
-                    a->cfg.max_seq_len);
+        return ex_fail("--prompt-len + --max-new + 2 (%d) exceeds the context %d", a->o.prompt_len + a->o.max_new + 2,
+                       a->cfg.max_seq_len);
     printf("base: %s (dim %d, %d layers, vocab %d, %zu parameters)\n", a->o.base, a->cfg.dim, a->cfg.n_layers,
            a->cfg.vocab_size, perl_model_num_params(a->model));
     return 0;
@@ -612,9 +394,9 @@ static int load_all_data(app *a) {
     const options *o = &a->o;
     a->byte_level = !o->prompt_tokens;
     if (a->byte_level && a->cfg.vocab_size != BYTE_TOKEN_VOCAB)
-        return fail("%s has a %d-token vocabulary, not the byte-level %d: tokenise the data for it and pass "
-                    "--rm-tokens / --prompt-tokens (docs/real-data.md)",
-                    o->base, a->cfg.vocab_size, BYTE_TOKEN_VOCAB);
+        return ex_fail("%s has a %d-token vocabulary, not the byte-level %d: tokenise the data for it and pass "
+                       "--rm-tokens / --prompt-tokens (docs/real-data.md)",
+                       o->base, a->cfg.vocab_size, BYTE_TOKEN_VOCAB);
     if (a->byte_level) {
         if (load_coffee(o, &a->rm_items, &a->prompts) != 0) return -1;
         a->stop[0] = NEWLINE_TOKEN, a->stop[1] = BYTE_TOKEN_EOS, a->n_stop = 2;
@@ -627,7 +409,7 @@ static int load_all_data(app *a) {
             return -1;
     }
     for (int i = 0; i < a->n_stop; i++)
-        if (a->stop[i] >= a->cfg.vocab_size) return fail("stop id %d is outside the vocabulary", a->stop[i]);
+        if (a->stop[i] >= a->cfg.vocab_size) return ex_fail("stop id %d is outside the vocabulary", a->stop[i]);
     if (check_vocab(&a->rm_items, a->cfg.vocab_size, "reward examples") != 0 ||
         check_vocab(&a->prompts, a->cfg.vocab_size, "prompts") != 0)
         return -1;
@@ -660,12 +442,13 @@ static int create_reward(app *a) {
     int positives = reward_options(a, &ro);
     if (o->reward_dir) {
         if (perl_reward_load(&a->rm, &a->rm_lora, a->model, o->reward_dir, &ro) != 0)
-            return fail("loading the reward model %s: %s", o->reward_dir, perl_last_error());
+            return ex_fail("loading the reward model %s: %s", o->reward_dir, perl_last_error());
         printf("reward model: loaded %s (%zu parameters)\n", o->reward_dir, perl_lora_num_params(a->rm_lora));
         return 0;
     }
     if (positives == 0 || positives == a->rm_split.n_train)
-        return fail("the reward training split has only one class (%d of %d positive)", positives, a->rm_split.n_train);
+        return ex_fail("the reward training split has only one class (%d of %d positive)", positives,
+                       a->rm_split.n_train);
     perl_lora_options lo;
     perl_lora_options_init(&lo);
     lo.rank = o->rank, lo.alpha = o->alpha, lo.target_modules = LIBPERL_TARGET_ALL, lo.seed = o->seed;
@@ -675,15 +458,8 @@ static int create_reward(app *a) {
     opt.total_steps = o->rm_steps, opt.min_lr_ratio = 0.1f;
     if (perl_lora_create(&a->rm_lora, a->model, &lo) != 0 || perl_reward_create(&a->rm, a->model, a->rm_lora, &ro) != 0 ||
         perl_lora_set_optimizer(a->rm_lora, &opt) != 0)
-        return fail("creating the reward model: %s", perl_last_error());
+        return ex_fail("creating the reward model: %s", perl_last_error());
     return 0;
-}
-
-static void shuffle(int *v, int n, uint64_t *rng) {
-    for (int i = n - 1; i > 0; i--) {
-        int j = (int)(rng_next(rng) % (uint64_t)(i + 1)), t = v[i];
-        v[i] = v[j], v[j] = t;
-    }
 }
 
 /* Pointwise class-weighted BCE for --rm-steps over reshuffled epochs of the train split. */
@@ -693,14 +469,14 @@ static int train_reward(app *a) {
     int B = o->rm_batch < sp->n_train ? o->rm_batch : sp->n_train, pos = sp->n_train, rc = 0;
     int *order = malloc((size_t)sp->n_train * sizeof *order);
     float *labels = malloc((size_t)B * sizeof *labels);
-    if (!order || !labels) rc = fail("out of memory");
+    if (!order || !labels) rc = ex_fail("out of memory");
     uint64_t rng = o->seed * 0x2545f4914f6cdd1dull + 7;
-    double t0 = now_seconds(), loss = 0.0, acc = 0.0;
+    double t0 = ex_now_seconds(), loss = 0.0, acc = 0.0;
     int every = o->rm_steps >= 10 ? o->rm_steps / 10 : 1;
     for (int step = 0; rc == 0 && step < o->rm_steps; step++, pos += B) {
         if (pos + B > sp->n_train) {
             memcpy(order, sp->train, (size_t)sp->n_train * sizeof *order);
-            shuffle(order, sp->n_train, &rng);
+            ex_shuffle(order, sp->n_train, &rng);
             pos = 0;
         }
         for (int i = 0; i < B; i++) labels[i] = a->rm_items.items[order[pos + i]].label;
@@ -709,12 +485,12 @@ static int train_reward(app *a) {
         perl_reward_stats_init(&st);
         if (!b) rc = -1;
         else if (perl_reward_step_pointwise(a->rm, b, labels, NULL, &st) != 0)
-            rc = fail("reward step %d: %s", step + 1, perl_last_error());
+            rc = ex_fail("reward step %d: %s", step + 1, perl_last_error());
         if (rc) break;
         loss = step ? 0.9 * loss + 0.1 * st.loss : st.loss, acc = step ? 0.9 * acc + 0.1 * st.accuracy : st.accuracy;
         if ((step + 1) % every == 0 || step + 1 == o->rm_steps)
             printf("  [rm] step %4d/%d  loss %.4f  train acc %.3f  lr %.2e  %.2f s/step\n", step + 1, o->rm_steps, loss,
-                   acc, (double)st.lr, (now_seconds() - t0) / (step + 1));
+                   acc, (double)st.lr, (ex_now_seconds() - t0) / (step + 1));
         fflush(stdout);
     }
     free(order);
@@ -722,53 +498,30 @@ static int train_reward(app *a) {
     return rc;
 }
 
-typedef struct scored {
-    float score, label;
-} scored;
-
-static int by_score(const void *x, const void *y) {
-    float p = ((const scored *)x)->score, q = ((const scored *)y)->score;
-    return (p > q) - (p < q);
-}
-
-/* ROC AUC = P(score of a positive > score of a negative), ties counted half (Mann-Whitney). */
-static double roc_auc(scored *s, int n) {
-    qsort(s, (size_t)n, sizeof *s, by_score);
-    double rank_sum = 0.0, n_pos = 0.0;
-    for (int i = 0; i < n;) {
-        int j = i;
-        while (j < n && s[j].score == s[i].score) j++;
-        for (int k = i; k < j; k++)
-            if (s[k].label != 0.0f) rank_sum += 0.5 * (i + 1 + j), n_pos += 1.0;
-        i = j;
-    }
-    double n_neg = n - n_pos;
-    return n_pos > 0 && n_neg > 0 ? (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg) : NAN;
-}
-
 /* Held-out accuracy at score 0, AUC and the majority-class rate. */
 static int evaluate_reward(app *a) {
     const split *sp = &a->rm_split;
-    scored *all = malloc((size_t)sp->n_eval * sizeof *all);
+    ex_scored *all = malloc((size_t)sp->n_eval * sizeof *all);
     float scores[EVAL_BATCH];
-    if (!all) return fail("out of memory");
-    double right = 0.0, positives = 0.0, t0 = now_seconds();
+    if (!all) return ex_fail("out of memory");
+    double right = 0.0, positives = 0.0, t0 = ex_now_seconds();
     int rc = 0;
     for (int first = 0; rc == 0 && first < sp->n_eval; first += EVAL_BATCH) {
         int count = sp->n_eval - first < EVAL_BATCH ? sp->n_eval - first : EVAL_BATCH;
         perl_batch *b = batch_items(&a->score_buf, &a->rm_items, sp->eval + first, count, 1);
         if (!b) rc = -1;
-        else if (perl_reward_score(a->rm, b, scores) != 0) rc = fail("scoring: %s", perl_last_error());
+        else if (perl_reward_score(a->rm, b, scores) != 0) rc = ex_fail("scoring: %s", perl_last_error());
         for (int i = 0; rc == 0 && i < count; i++) {
             float label = a->rm_items.items[sp->eval[first + i]].label;
             right += (scores[i] > 0.0f) == (label != 0.0f), positives += label;
-            all[first + i] = (scored){scores[i], label};
+            all[first + i] = (ex_scored){scores[i], label};
         }
     }
     if (rc == 0) {
         double p = positives / sp->n_eval;
         printf("reward model: held-out accuracy %.3f (majority class %.3f), AUC %.3f over %d examples (%.1f s)\n",
-               right / sp->n_eval, p > 0.5 ? p : 1.0 - p, roc_auc(all, sp->n_eval), sp->n_eval, now_seconds() - t0);
+               right / sp->n_eval, p > 0.5 ? p : 1.0 - p, ex_roc_auc(all, sp->n_eval), sp->n_eval,
+               ex_now_seconds() - t0);
     }
     free(all);
     return rc;
@@ -783,7 +536,7 @@ static int ensure_rows(app *a, int rows) {
     a->response_lengths = malloc((size_t)rows * sizeof(int32_t));
     a->rewards = malloc((size_t)rows * sizeof(float));
     a->rows = a->responses && a->response_lengths && a->rewards ? rows : 0;
-    return a->rows ? 0 : fail("out of memory");
+    return a->rows ? 0 : ex_fail("out of memory");
 }
 
 /* Samples a response per prompt row (adapter NULL: the frozen base). */
@@ -794,7 +547,7 @@ static int sample(app *a, const perl_lora *adapter, const perl_batch *prompts, u
     g.stop_tokens = a->stop, g.n_stop_tokens = a->n_stop;
     if (ensure_rows(a, prompts->batch_size) != 0) return -1;
     if (perl_generate(a->model, adapter, prompts, &g, a->responses, a->response_lengths, NULL) != 0)
-        return fail("generating: %s", perl_last_error());
+        return ex_fail("generating: %s", perl_last_error());
     /* -1 marks positions past a row's end; make them a valid id for the trainer's padded layout */
     for (size_t i = 0; i < (size_t)prompts->batch_size * (size_t)a->o.max_new; i++)
         if (a->responses[i] < 0) a->responses[i] = BYTE_TOKEN_PAD;
@@ -835,13 +588,13 @@ static int score(app *a, const perl_batch *prompts) {
     for (int b = 0; b < B; b++) /* pad to the longest row, not to max_new: padding costs compute */
         if (prompts->lengths[b] + a->response_lengths[b] + 2 > seq) seq = prompts->lengths[b] + a->response_lengths[b] + 2;
     int32_t *row = malloc((size_t)seq * sizeof *row);
-    if (!row || batch_begin(&a->score_buf, B, seq) != 0) return free(row), fail("out of memory");
+    if (!row || ex_batch_begin(&a->score_buf, B, seq) != 0) return free(row), ex_fail("out of memory");
     for (int b = 0; b < B; b++) {
         int n = score_row(a, prompts->tokens + (size_t)b * prompts->seq_len, prompts->lengths[b],
                           a->responses + (size_t)b * a->o.max_new, a->response_lengths[b], row);
-        batch_put(&a->score_buf, b, row, n);
+        ex_batch_put(&a->score_buf, b, row, n);
     }
-    if (perl_reward_score(a->rm, &a->score_buf.batch, a->rewards) != 0) rc = fail("scoring: %s", perl_last_error());
+    if (perl_reward_score(a->rm, &a->score_buf.batch, a->rewards) != 0) rc = ex_fail("scoring: %s", perl_last_error());
     free(row);
     return rc;
 }
@@ -900,7 +653,7 @@ static int create_policy(app *a) {
     po.kl_coef = o->kl_coef, po.kl_estimator = LIBPERL_KL_K1, po.kl_mode = LIBPERL_KL_IN_REWARD;
     if (perl_lora_create(&a->policy, a->model, &lo) != 0 || perl_lora_set_optimizer(a->policy, &opt) != 0 ||
         perl_policy_create(&a->trainer, a->model, a->policy, NULL, &po) != 0)
-        return fail("creating the policy: %s", perl_last_error());
+        return ex_fail("creating the policy: %s", perl_last_error());
     printf("policy: LoRA r %d on all projections, %zu parameters; %s, %d responses per step%s, kl_coef %.3g (k1, in "
            "reward), lr %.2g\n",
            o->rank, perl_lora_num_params(a->policy), rloo ? "RLOO" : "REINFORCE", o->batch,
@@ -911,7 +664,7 @@ static int create_policy(app *a) {
 /* One RL step: pick prompts, sample a group per prompt, score, perl_policy_step. */
 static int rl_step(app *a, int step, uint64_t *rng, perl_policy_stats *st) {
     int group = strcmp(a->o.algo, "rloo") == 0 ? a->o.group : 1, n = a->o.batch / group, idx[4096];
-    for (int i = 0; i < n; i++) idx[i] = a->prompt_split.train[rng_next(rng) % (uint64_t)a->prompt_split.n_train];
+    for (int i = 0; i < n; i++) idx[i] = a->prompt_split.train[ex_rng_next(rng) % (uint64_t)a->prompt_split.n_train];
     perl_batch *prompts = batch_items(&a->prompt_buf, &a->prompts, idx, n, group);
     if (!prompts || sample(a, a->policy, prompts, a->o.seed * 1000003ull + (uint64_t)step) != 0 ||
         score(a, prompts) != 0)
@@ -919,7 +672,7 @@ static int rl_step(app *a, int step, uint64_t *rng, perl_policy_stats *st) {
     perl_policy_stats_init(st);
     /* old_logprobs NULL: RLOO / REINFORCE are on-policy, and tempered log-probs are not the policy's */
     if (perl_policy_step(a->trainer, prompts, a->responses, a->response_lengths, a->o.max_new, a->rewards, NULL, st) != 0)
-        return fail("policy step %d: %s", step + 1, perl_last_error());
+        return ex_fail("policy step %d: %s", step + 1, perl_last_error());
     return 0;
 }
 
@@ -935,13 +688,13 @@ static int train_policy(app *a, FILE *csv) {
     double *reward = malloc((size_t)o->steps * sizeof *reward), *kl = malloc((size_t)o->steps * sizeof *kl);
     uint64_t rng = o->seed * 0x9e3779b97f4a7c15ull + 3;
     double t_total = 0.0;
-    int rc = reward && kl ? 0 : fail("out of memory");
+    int rc = reward && kl ? 0 : ex_fail("out of memory");
     fprintf(csv, "step,mean_reward,kl,entropy,len,seconds\n");
     for (int step = 0; rc == 0 && step < o->steps; step++) {
         perl_policy_stats st;
-        double t0 = now_seconds();
+        double t0 = ex_now_seconds();
         if ((rc = rl_step(a, step, &rng, &st)) != 0) break;
-        double dt = now_seconds() - t0;
+        double dt = ex_now_seconds() - t0;
         t_total += dt;
         reward[step] = st.mean_reward, kl[step] = st.kl;
         printf("  [rl] step %3d/%d  reward %+.3f (std %.3f)  kl %.4f  entropy %.3f  len %.1f  %.2f s\n", step + 1,
@@ -969,8 +722,8 @@ static int train_policy(app *a, FILE *csv) {
 static int save_adapter(const perl_lora *lora, const char *out, const char *name) {
     char dir[4200], err[512];
     snprintf(dir, sizeof dir, "%s/%s", out, name);
-    if (ex_mkdir_p(dir, err, sizeof err) != 0) return fail("%s", err);
-    if (perl_lora_save(lora, dir) != 0) return fail("saving %s: %s", dir, perl_last_error());
+    if (ex_mkdir_p(dir, err, sizeof err) != 0) return ex_fail("%s", err);
+    if (perl_lora_save(lora, dir) != 0) return ex_fail("saving %s: %s", dir, perl_last_error());
     printf("saved %s (PEFT layout: adapter_config.json, adapter_model.safetensors)\n", dir);
     return 0;
 }
@@ -978,10 +731,10 @@ static int save_adapter(const perl_lora *lora, const char *out, const char *name
 static int run(app *a) {
     const options *o = &a->o;
     char path[4200], err[512];
-    double t0 = now_seconds(), before = 0.0, after = 0.0;
+    double t0 = ex_now_seconds(), before = 0.0, after = 0.0;
     perl_set_num_threads(o->threads);
     if (load_base(a) != 0 || load_all_data(a) != 0 || create_reward(a) != 0) return -1;
-    if (ex_mkdir_p(o->out, err, sizeof err) != 0) return fail("%s", err);
+    if (ex_mkdir_p(o->out, err, sizeof err) != 0) return ex_fail("%s", err);
     if (!o->reward_dir) {
         printf("reward model: LoRA r %d, %zu parameters, %d steps of %d\n", o->rank, perl_lora_num_params(a->rm_lora),
                o->rm_steps, o->rm_batch);
@@ -991,19 +744,20 @@ static int run(app *a) {
     if (create_policy(a) != 0 || evaluate_policy(a, NULL, "before RL (base)", &before) != 0) return -1;
     snprintf(path, sizeof path, "%s/rl.csv", o->out);
     FILE *csv = fopen(path, "w");
-    if (!csv) return fail("%s: %s", path, strerror(errno));
+    if (!csv) return ex_fail("%s: %s", path, strerror(errno));
     int rc = train_policy(a, csv);
-    if (fclose(csv) != 0 && rc == 0) rc = fail("%s: %s", path, strerror(errno));
+    if (fclose(csv) != 0 && rc == 0) rc = ex_fail("%s: %s", path, strerror(errno));
     if (rc == 0) rc = evaluate_policy(a, a->policy, "after RL (policy)", &after);
     if (rc == 0) rc = save_adapter(a->policy, o->out, "policy");
     if (rc == 0)
         printf("done: held-out mean reward %+.3f -> %+.3f; %s written; %.0f s in all, peak RSS %.1f MB, %d threads\n",
-               before, after, path, now_seconds() - t0, peak_rss_mb(), perl_get_num_threads());
+               before, after, path, ex_now_seconds() - t0, ex_peak_rss_mb(), perl_get_num_threads());
     return rc;
 }
 
 int main(int argc, char **argv) {
     app a;
+    ex_program = "coffee_rl";
     memset(&a, 0, sizeof a);
     options_default(&a.o);
     int rc = parse_args(argc, argv, &a.o);

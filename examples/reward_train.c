@@ -36,23 +36,20 @@
 
 #include <errno.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <sys/types.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "byte_tokens.h"
+#include "coffee_data.h"
+#include "eval.h"
 #include "json_lite.h"
 #include "text_io.h"
 
-#define SPLIT_SALT 0x5eedf00dull /* fixed: the split must not depend on --seed */
-#define HELD_OUT_EVERY 5         /* 1 in 5 groups is held out */
 #define BASE_CONTEXT 1024        /* the pretrained base's max_seq_len (RoPE tables only) */
 #define EVAL_BATCH 32
 
@@ -106,44 +103,9 @@ static void usage(FILE *f) {
                "                          (default 300, 16, 192, 3e-3)\n");
 }
 
-static int fail(const char *fmt, ...) {
-    va_list ap;
-    fputs("reward_train: ", stderr);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-    return -1;
-}
-
-static int parse_int(const char *s, int lo, int hi, int *out, const char *name) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi)
-        return fail("%s: '%s' is not an integer in [%d, %d]", name, s, lo, hi);
-    *out = (int)v;
-    return 0;
-}
-
-static int parse_float(const char *s, float lo, float hi, float *out, const char *name) {
-    char *end;
-    errno = 0;
-    float v = strtof(s, &end);
-    if (errno || end == s || *end || !(v >= lo && v <= hi))
-        return fail("%s: '%s' is not a number in [%g, %g]", name, s, (double)lo, (double)hi);
-    *out = v;
-    return 0;
-}
-
 /* Parses argv into o; returns 1 after --help, -1 on an error. */
 static int parse_args(int argc, char **argv, options *o) {
-    struct {
-        const char *name;
-        int *ivalue, lo, hi;
-        float *fvalue, flo, fhi;
-        const char **svalue;
-    } table[] = {
+    const ex_option table[] = {
         {"--steps", &o->steps, 1, 10000000, NULL, 0, 0, NULL},
         {"--batch", &o->batch, 1, 65536, NULL, 0, 0, NULL},
         {"--seq-len", &o->seq_len, 3, 1 << 20, NULL, 0, 0, NULL},
@@ -173,39 +135,15 @@ static int parse_args(int argc, char **argv, options *o) {
     };
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) return usage(stdout), 1;
-        size_t k = 0, n = sizeof table / sizeof table[0];
-        while (k < n && strcmp(argv[i], table[k].name) != 0) k++;
-        if (strcmp(argv[i], "--seed") == 0) k = n + 1;
-        if (k == n) return usage(stderr), fail("unknown option '%s'", argv[i]);
-        if (i + 1 >= argc) return fail("%s needs a value", argv[i]);
-        const char *v = argv[++i];
-        int rc = 0;
-        if (k == n + 1) {
-            char *end;
-            errno = 0;
-            unsigned long long s = strtoull(v, &end, 10);
-            rc = errno || end == v || *end ? fail("--seed: '%s' is not an unsigned integer", v) : 0;
-            o->seed = s;
-        } else if (table[k].ivalue) {
-            rc = parse_int(v, table[k].lo, table[k].hi, table[k].ivalue, table[k].name);
-        } else if (table[k].fvalue) {
-            rc = parse_float(v, table[k].flo, table[k].fhi, table[k].fvalue, table[k].name);
-        } else {
-            *table[k].svalue = v;
-        }
+        int rc = ex_option_arg(table, sizeof table / sizeof table[0], &o->seed, argc, argv, &i);
+        if (rc > 0) return usage(stderr), ex_fail("unknown option '%s'", argv[i]);
         if (rc) return -1;
     }
-    if (strcmp(o->data, "coffee") != 0 && strcmp(o->data, "hh") != 0) return fail("--data must be coffee or hh");
+    if (strcmp(o->data, "coffee") != 0 && strcmp(o->data, "hh") != 0) return ex_fail("--data must be coffee or hh");
     if (strcmp(o->mode, "lora") != 0 && strcmp(o->mode, "full") != 0 && strcmp(o->mode, "both") != 0)
-        return fail("--mode must be lora, full or both");
-    if (o->eval_tokens && !o->train_tokens) return fail("--eval-tokens needs --train-tokens");
+        return ex_fail("--mode must be lora, full or both");
+    if (o->eval_tokens && !o->train_tokens) return ex_fail("--eval-tokens needs --train-tokens");
     return 0;
-}
-
-static double now_seconds(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
 /* ---- data sets -------------------------------------------------------------------- */
@@ -244,106 +182,32 @@ static example *dataset_add(dataset *d) {
 /* Byte-tokenises text into side `side` of e (BOS + tail + EOS). */
 static int set_text(example *e, int side, const char *text, size_t n, int seq_len) {
     e->tokens[side] = malloc((size_t)seq_len * sizeof(int32_t));
-    if (!e->tokens[side]) return fail("out of memory");
+    if (!e->tokens[side]) return ex_fail("out of memory");
     e->length[side] = byte_tokens_encode_tail(text, n, e->tokens[side], seq_len);
     e->truncated |= n + 2 > (size_t)seq_len;
     return 0;
 }
 
-static int held_out_group(const char *key, size_t n) { return ex_hash64(key, n, SPLIT_SALT) % HELD_OUT_EVERY == 0; }
+/* A Taskmaster Coffee record: its rendered context and generation, labelled by the reward. */
+typedef struct load_ctx {
+    const options *o;
+    dataset *d;
+} load_ctx;
 
-/* "role: text", "role: api {...}" or "role: {...}" plus a newline. */
-static int render_turn(const jl_value *turn, ex_buf *out, const char *where) {
-    const char *role = jl_string(jl_get(turn, "role"));
-    if (!role) return fail("%s: a turn without a string \"role\"", where);
-    const jl_value *text = jl_get(turn, "text"), *api = jl_get(turn, "api"), *response = jl_get(turn, "response");
-    int ok = ex_buf_puts(out, role) == 0 && ex_buf_puts(out, ": ") == 0;
-    if (text && text->type == JL_STRING)
-        ok = ok && ex_buf_append(out, text->string, text->length) == 0;
-    else if (api)
-        ok = ok && ex_buf_puts(out, "api ") == 0 && jl_write(api, out) == 0;
-    else if (response)
-        ok = ok && jl_write(response, out) == 0;
-    else
-        return fail("%s: a \"%s\" turn with no \"text\", \"api\" or \"response\"", where, role);
-    return ok && ex_buf_puts(out, "\n") == 0 ? 0 : fail("out of memory");
-}
-
-/* Parses a field that holds JSON text (context / generation are JSON-encoded strings). */
-static int parse_embedded(const jl_value *rec, const char *field, jl_type want, const char *where, jl_value **out) {
-    const jl_value *s = jl_get(rec, field);
-    char err[512];
-    if (!s || s->type != JL_STRING) return fail("%s: \"%s\" must be a string (JSON-encoded)", where, field);
-    char source[300];
-    snprintf(source, sizeof source, "%s \"%s\"", where, field);
-    if (jl_parse(s->string, s->length, source, out, err, sizeof err) != 0) return fail("%s", err);
-    if ((*out)->type != want) {
-        jl_free(*out);
-        return fail("%s: \"%s\" holds a %s, expected an %s", where, field, jl_type_name((*out)->type),
-                    jl_type_name(want));
-    }
-    return 0;
-}
-
-static int coffee_record(const jl_value *rec, const char *where, dataset *d, int seq_len) {
-    if (rec->type != JL_OBJECT) return fail("%s: expected an object", where);
-    const char *id = jl_string(jl_get(rec, "conversation_id"));
-    const jl_value *reward = jl_get(rec, "reward");
-    if (!id) return fail("%s: missing string \"conversation_id\"", where);
-    if (!reward || reward->type != JL_NUMBER || (reward->number != 0.0 && reward->number != 1.0))
-        return fail("%s: \"reward\" must be the number 0 or 1", where);
-    jl_value *context = NULL, *generation = NULL;
-    if (parse_embedded(rec, "context", JL_ARRAY, where, &context) != 0) return -1;
-    if (parse_embedded(rec, "generation", JL_OBJECT, where, &generation) != 0) return jl_free(context), -1;
-    ex_buf text = {NULL, 0, 0};
-    int rc = 0;
-    for (size_t t = 0; rc == 0 && t < context->count; t++) {
-        if (context->items[t]->type != JL_OBJECT)
-            rc = fail("%s: context turn %zu is not an object", where, t);
-        else
-            rc = render_turn(context->items[t], &text, where);
-    }
-    if (rc == 0) rc = render_turn(generation, &text, where);
-    example *e = rc == 0 ? dataset_add(d) : NULL;
-    if (rc == 0 && !e) rc = fail("out of memory");
-    if (rc == 0) {
-        e->label = (float)reward->number;
-        e->held_out = held_out_group(id, strlen(id));
-        rc = set_text(e, 0, text.data, text.len, seq_len);
-    }
-    ex_buf_free(&text);
-    jl_free(context);
-    jl_free(generation);
-    return rc;
+static int coffee_example(void *ctx, ex_buf *text, size_t context_len, float label, int held_out) {
+    const load_ctx *c = ctx;
+    (void)context_len;
+    example *e = dataset_add(c->d);
+    if (!e) return ex_fail("out of memory");
+    e->label = label;
+    e->held_out = held_out;
+    return set_text(e, 0, text->data, text->len, c->o->seq_len);
 }
 
 /* Taskmaster Coffee reward_00.json, reward_01.json, ... (until one is missing). */
 static int load_coffee(const options *o, dataset *d) {
-    char path[4096], err[512];
-    int files = 0;
-    for (int k = 0; k < 100; k++) {
-        snprintf(path, sizeof path, "%s/data/taskmaster-coffee/reward_%02d.json", o->shared, k);
-        if (!ex_path_exists(path)) break;
-        char *text;
-        size_t len;
-        jl_value *root;
-        if (ex_read_file(path, &text, &len, err, sizeof err) != 0) return fail("%s", err);
-        int rc = jl_parse(text, len, path, &root, err, sizeof err);
-        free(text);
-        if (rc != 0) return fail("%s", err);
-        if (root->type != JL_ARRAY) rc = fail("%s: expected a JSON array of records", path);
-        for (size_t i = 0; rc == 0 && i < root->count; i++) {
-            char where[4200];
-            snprintf(where, sizeof where, "%s: record %zu", path, i);
-            rc = coffee_record(root->items[i], where, d, o->seq_len);
-        }
-        jl_free(root);
-        if (rc != 0) return -1;
-        files++;
-    }
-    if (files == 0)
-        return fail("%s/data/taskmaster-coffee/reward_00.json not found (set --shared or PERL_SHARED_DIR)", o->shared);
-    return 0;
+    load_ctx c = {o, d};
+    return coffee_load_rewards(o->shared, coffee_example, &c);
 }
 
 /* hh-rlhf's "\n\nHuman: " / "\n\nAssistant: " turns as "user: " / "agent: " lines,
@@ -370,7 +234,7 @@ static int hh_render(const char *s, size_t n, ex_buf *out) {
 static int hh_record(const jl_value *rec, const char *where, dataset *d, int seq_len) {
     const jl_value *chosen = jl_get(rec, "chosen"), *rejected = jl_get(rec, "rejected");
     if (rec->type != JL_OBJECT || !chosen || chosen->type != JL_STRING || !rejected || rejected->type != JL_STRING)
-        return fail("%s: expected an object with strings \"chosen\" and \"rejected\"", where);
+        return ex_fail("%s: expected an object with strings \"chosen\" and \"rejected\"", where);
     /* the group is the prompt: everything before the last assistant turn */
     size_t prompt = chosen->length;
     for (size_t i = 0; i + 12 <= chosen->length; i++)
@@ -379,11 +243,11 @@ static int hh_record(const jl_value *rec, const char *where, dataset *d, int seq
     int rc =
         hh_render(chosen->string, chosen->length, &c) == 0 && hh_render(rejected->string, rejected->length, &r) == 0
             ? 0
-            : fail("out of memory");
+            : ex_fail("out of memory");
     example *e = rc == 0 ? dataset_add(d) : NULL;
-    if (rc == 0 && !e) rc = fail("out of memory");
+    if (rc == 0 && !e) rc = ex_fail("out of memory");
     if (rc == 0) {
-        e->held_out = held_out_group(chosen->string, prompt);
+        e->held_out = coffee_held_out(chosen->string, prompt);
         rc = set_text(e, 0, c.data, c.len, seq_len);
         if (rc == 0) rc = set_text(e, 1, r.data, r.len, seq_len);
     }
@@ -397,7 +261,7 @@ static int load_hh(const options *o, dataset *d) {
     snprintf(path, sizeof path, "%s/data/hh-rlhf-harmless/test.jsonl.gz", o->shared);
     char *text;
     size_t len;
-    if (ex_read_gzip(path, &text, &len, err, sizeof err) != 0) return fail("%s", err);
+    if (ex_read_gzip(path, &text, &len, err, sizeof err) != 0) return ex_fail("%s", err);
     d->pairwise = 1;
     int rc = 0, line = 0;
     for (size_t pos = 0; rc == 0 && pos < len; line++) {
@@ -408,7 +272,7 @@ static int load_hh(const options *o, dataset *d) {
             jl_value *rec;
             snprintf(source, sizeof source, "%s: line %d", path, line + 1);
             rc = jl_parse(text + pos, end - pos, source, &rec, err, sizeof err) != 0
-                     ? fail("%s", err)
+                     ? ex_fail("%s", err)
                      : hh_record(rec, source, d, o->seq_len);
             jl_free(rec); /* NULL when the parse failed */
         }
@@ -425,84 +289,41 @@ static int load_hh(const options *o, dataset *d) {
  * Every line of a file has the same kind.  A sequence longer than --seq-len
  * keeps its first token (BOS) and its last seq_len - 1 tokens. */
 
-static int parse_ids(const char *s, const char *end, int32_t **out, int32_t *out_len, int seq_len, int *truncated,
-                     const char *where) {
-    int cap = 64, n = 0;
-    int32_t *ids = malloc((size_t)cap * sizeof *ids);
-    if (!ids) return fail("out of memory");
-    while (s < end) {
-        while (s < end && (*s == ' ' || *s == '\t' || *s == '\r')) s++;
-        if (s >= end) break;
-        char *stop;
-        errno = 0;
-        long v = strtol(s, &stop, 10);
-        if (stop == s || stop > end || errno || v < 0 || v > INT32_MAX) {
-            int n_bad = 0; /* the offending word, for the message */
-            while (s + n_bad < end && n_bad < 20 && s[n_bad] != ' ' && s[n_bad] != '\t' && s[n_bad] != '\r') n_bad++;
-            free(ids);
-            return fail("%s: expected a non-negative token id, found '%.*s'", where, n_bad, s);
-        }
-        if (n == cap) {
-            int32_t *p = realloc(ids, (size_t)(cap *= 2) * sizeof *ids);
-            if (!p) return free(ids), fail("out of memory");
-            ids = p;
-        }
-        ids[n++] = (int32_t)v;
-        s = stop;
-    }
-    if (n == 0) return free(ids), fail("%s: an empty sequence", where);
-    if (n > seq_len) { /* keep the first token and the tail */
-        memmove(ids + 1, ids + (n - (seq_len - 1)), (size_t)(seq_len - 1) * sizeof *ids);
-        n = seq_len;
-        *truncated = 1;
-    }
-    *out = ids;
-    *out_len = n;
-    return 0;
-}
+typedef struct token_ctx {
+    dataset *d;
+    int held_out, seq_len;
+} token_ctx;
 
-static int token_line(const char *s, const char *end, const char *where, dataset *d, int held_out, int seq_len) {
+static int token_line(void *ctx, const char *s, const char *end, const char *where) {
+    const token_ctx *c = ctx;
+    dataset *d = c->d;
+    int held_out = c->held_out, seq_len = c->seq_len;
     const char *bar = memchr(s, '|', (size_t)(end - s)), *colon = memchr(s, ':', (size_t)(end - s));
     int pairwise = bar != NULL;
-    if (!pairwise && !colon) return fail("%s: expected '<label>: ids' or 'ids | ids'", where);
-    if (d->n > 0 && pairwise != d->pairwise) return fail("%s: pointwise and pairwise lines are mixed", where);
+    if (!pairwise && !colon) return ex_fail("%s: expected '<label>: ids' or 'ids | ids'", where);
+    if (d->n > 0 && pairwise != d->pairwise) return ex_fail("%s: pointwise and pairwise lines are mixed", where);
     d->pairwise = pairwise;
     example *e = dataset_add(d);
-    if (!e) return fail("out of memory");
-    e->held_out = held_out >= 0 ? held_out : held_out_group(s, (size_t)(end - s));
+    if (!e) return ex_fail("out of memory");
+    e->held_out = held_out >= 0 ? held_out : coffee_held_out(s, (size_t)(end - s));
     if (pairwise)
-        return parse_ids(s, bar, &e->tokens[0], &e->length[0], seq_len, &e->truncated, where) ||
-                       parse_ids(bar + 1, end, &e->tokens[1], &e->length[1], seq_len, &e->truncated, where)
+        return coffee_parse_ids(s, bar, seq_len, &e->tokens[0], &e->length[0], &e->truncated, where) ||
+                       coffee_parse_ids(bar + 1, end, seq_len, &e->tokens[1], &e->length[1], &e->truncated, where)
                    ? -1
                    : 0;
     char *stop;
     long label = strtol(s, &stop, 10);
     while (stop < colon && (*stop == ' ' || *stop == '\t')) stop++;
-    if (stop != colon || (label != 0 && label != 1)) return fail("%s: the label before ':' must be 0 or 1", where);
+    if (stop != colon || (label != 0 && label != 1)) return ex_fail("%s: the label before ':' must be 0 or 1", where);
     e->label = (float)label;
-    return parse_ids(colon + 1, end, &e->tokens[0], &e->length[0], seq_len, &e->truncated, where);
+    return coffee_parse_ids(colon + 1, end, seq_len, &e->tokens[0], &e->length[0], &e->truncated, where);
 }
 
 /* held_out: 1 / 0 for every line, or -1 for the hash split. */
 static int load_token_file(const char *path, int held_out, int seq_len, dataset *d) {
-    char *text, err[512];
-    size_t len;
-    if (ex_read_file(path, &text, &len, err, sizeof err) != 0) return fail("%s", err);
-    int rc = 0, line = 0;
-    for (size_t pos = 0; rc == 0 && pos < len; line++) {
-        char *nl = memchr(text + pos, '\n', len - pos);
-        size_t end = nl ? (size_t)(nl - text) : len;
-        size_t first = pos;
-        while (first < end && (text[first] == ' ' || text[first] == '\t' || text[first] == '\r')) first++;
-        if (first < end && text[first] != '#') {
-            char where[4200];
-            snprintf(where, sizeof where, "%s:%d", path, line + 1);
-            rc = token_line(text + first, text + end, where, d, held_out, seq_len);
-        }
-        pos = end + 1;
-    }
-    free(text);
-    if (rc == 0 && d->n == 0) rc = fail("%s: no examples", path);
+    token_ctx c = {d, held_out, seq_len};
+    int rc = coffee_token_lines(path, token_line, &c);
+    if (rc == 0 && d->n == 0) rc = ex_fail("%s: no examples", path);
     return rc;
 }
 
@@ -526,80 +347,18 @@ static int32_t max_token(const dataset *d) {
 
 /* ---- batches ---------------------------------------------------------------------- */
 
-typedef struct batch_buf {
-    int32_t *tokens, *lengths;
-    float *labels;
-    perl_batch batch;
-} batch_buf;
-
-static int batch_buf_init(batch_buf *b, int rows, int seq_len) {
-    b->tokens = malloc((size_t)rows * seq_len * sizeof(int32_t));
-    b->lengths = malloc((size_t)rows * sizeof(int32_t));
-    b->labels = malloc((size_t)rows * sizeof(float));
-    return b->tokens && b->lengths && b->labels ? 0 : fail("out of memory");
-}
-
-static void batch_buf_free(batch_buf *b) {
-    free(b->tokens);
-    free(b->lengths);
-    free(b->labels);
-}
-
-/* Side `side` of examples idx[0..count) as a batch padded to its longest row. */
-static perl_batch *batch_fill(batch_buf *b, const dataset *d, const int *idx, int count, int side) {
+/* Side `side` of examples idx[0..count) as a batch padded to its longest row; their labels
+ * into labels when not NULL. */
+static perl_batch *batch_fill(ex_batch_buf *b, float *labels, const dataset *d, const int *idx, int count, int side) {
     int seq = 1;
     for (int i = 0; i < count; i++) seq = d->items[idx[i]].length[side] > seq ? d->items[idx[i]].length[side] : seq;
+    if (ex_batch_begin(b, count, seq) != 0) return NULL;
     for (int i = 0; i < count; i++) {
         const example *e = &d->items[idx[i]];
-        int32_t *row = b->tokens + (size_t)i * seq;
-        memcpy(row, e->tokens[side], (size_t)e->length[side] * sizeof(int32_t));
-        for (int t = e->length[side]; t < seq; t++) row[t] = BYTE_TOKEN_PAD;
-        b->lengths[i] = e->length[side];
-        b->labels[i] = e->label;
+        ex_batch_put(b, i, e->tokens[side], e->length[side]);
+        if (labels) labels[i] = e->label;
     }
-    perl_batch_init(&b->batch);
-    b->batch.batch_size = count, b->batch.seq_len = seq, b->batch.tokens = b->tokens, b->batch.lengths = b->lengths;
     return &b->batch;
-}
-
-/* A deterministic shuffle (xorshift64*), reseeded per epoch. */
-static uint64_t rng_next(uint64_t *s) {
-    *s ^= *s >> 12, *s ^= *s << 25, *s ^= *s >> 27;
-    return *s * 2685821657736338717ull;
-}
-
-static void shuffle(int *a, int n, uint64_t *rng) {
-    for (int i = n - 1; i > 0; i--) {
-        int j = (int)(rng_next(rng) % (uint64_t)(i + 1)), t = a[i];
-        a[i] = a[j], a[j] = t;
-    }
-}
-
-/* ---- metrics ---------------------------------------------------------------------- */
-
-typedef struct scored {
-    float score, label;
-} scored;
-
-static int by_score(const void *a, const void *b) {
-    float x = ((const scored *)a)->score, y = ((const scored *)b)->score;
-    return (x > y) - (x < y);
-}
-
-/* ROC AUC = P(score of a positive > score of a negative), ties counted half (Mann-Whitney). */
-static double roc_auc(scored *s, int n) {
-    qsort(s, (size_t)n, sizeof *s, by_score);
-    double rank_sum = 0.0, n_pos = 0.0;
-    for (int i = 0; i < n;) {
-        int j = i;
-        while (j < n && s[j].score == s[i].score) j++;
-        double mid_rank = 0.5 * (i + 1 + j); /* 1-based average rank of the tie block */
-        for (int k = i; k < j; k++)
-            if (s[k].label != 0.0f) rank_sum += mid_rank, n_pos += 1.0;
-        i = j;
-    }
-    double n_neg = n - n_pos;
-    return n_pos > 0 && n_neg > 0 ? (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg) : NAN;
 }
 
 /* ---- pretraining the base ---------------------------------------------------------- */
@@ -641,7 +400,7 @@ static int api_line(const char *prefix, const char *name, const char *json, ex_b
     int ok = ex_buf_puts(out, prefix) == 0 && ex_buf_puts(out, "{") == 0 && jl_write(&key, out) == 0 &&
              ex_buf_puts(out, ":") == 0 && jl_write(v, out) == 0 && ex_buf_puts(out, "}\n") == 0;
     jl_free(v);
-    return ok ? 0 : fail("out of memory");
+    return ok ? 0 : ex_fail("out of memory");
 }
 
 /* The API calls annotated on an utterance, in order: a call, then its response. */
@@ -664,18 +423,18 @@ static int render_annotations(const jl_value *anns, ex_buf *out, corpus *c) {
 /* A dialog as "user: ..." / "agent: ..." lines with its API calls. */
 static int render_dialog(const jl_value *dialog, ex_buf *out, const char *where, corpus *c) {
     const jl_value *utts = jl_get(dialog, "utterances");
-    if (!utts || utts->type != JL_ARRAY) return fail("%s: missing array \"utterances\"", where);
+    if (!utts || utts->type != JL_ARRAY) return ex_fail("%s: missing array \"utterances\"", where);
     for (size_t u = 0; u < utts->count; u++) {
         const jl_value *utt = utts->items[u];
         const char *speaker = jl_string(jl_get(utt, "speaker")), *text = jl_string(jl_get(utt, "text"));
-        if (!speaker || !text) return fail("%s: utterance %zu needs string \"speaker\" and \"text\"", where, u);
+        if (!speaker || !text) return ex_fail("%s: utterance %zu needs string \"speaker\" and \"text\"", where, u);
         int user = strcmp(speaker, "user") == 0;
         if (!user && strcmp(speaker, "assistant") != 0)
-            return fail("%s: utterance %zu: unknown speaker \"%.40s\"", where, u, speaker);
+            return ex_fail("%s: utterance %zu: unknown speaker \"%.40s\"", where, u, speaker);
         /* API calls follow the user's request and precede the agent's reply */
         if (!user && render_annotations(jl_get(utt, "annotations"), out, c) != 0) return -1;
         if (ex_buf_puts(out, user ? "user: " : "agent: ") || ex_buf_puts(out, text) || ex_buf_puts(out, "\n"))
-            return fail("out of memory");
+            return ex_fail("out of memory");
         if (user && render_annotations(jl_get(utt, "annotations"), out, c) != 0) return -1;
     }
     return 0;
@@ -688,48 +447,36 @@ static int corpus_add(corpus *c, const ex_buf *text) {
         if (rows) c->rows = rows;
         int *lengths = rows ? realloc(c->lengths, (size_t)cap * sizeof *lengths) : NULL;
         if (lengths) c->lengths = lengths;
-        if (!rows || !lengths) return fail("out of memory");
+        if (!rows || !lengths) return ex_fail("out of memory");
         c->cap = cap;
     }
     int n = (int)text->len + 2;
-    if ((c->rows[c->n] = malloc((size_t)n * sizeof(int32_t))) == NULL) return fail("out of memory");
+    if ((c->rows[c->n] = malloc((size_t)n * sizeof(int32_t))) == NULL) return ex_fail("out of memory");
     c->lengths[c->n] = byte_tokens_encode_tail(text->data, text->len, c->rows[c->n], n);
     c->n++;
     return 0;
 }
 
+static int dialog_item(void *ctx, const jl_value *item, const char *where) {
+    corpus *c = ctx;
+    ex_buf dialog = {NULL, 0, 0};
+    int rc = render_dialog(item, &dialog, where, c);
+    if (rc == 0 && dialog.len > 0) rc = corpus_add(c, &dialog);
+    ex_buf_free(&dialog);
+    return rc;
+}
+
 static int load_dialogs(const options *o, corpus *c) {
-    char path[4096], err[512];
-    for (int k = 0; k < 100; k++) {
-        snprintf(path, sizeof path, "%s/data/taskmaster-coffee/dialogs_%02d.json", o->shared, k);
-        if (!ex_path_exists(path)) break;
-        char *text;
-        size_t len;
-        jl_value *root;
-        if (ex_read_file(path, &text, &len, err, sizeof err) != 0) return fail("%s", err);
-        int rc = jl_parse(text, len, path, &root, err, sizeof err);
-        free(text);
-        if (rc != 0) return fail("%s", err);
-        if (root->type != JL_ARRAY) rc = fail("%s: expected a JSON array of dialogs", path);
-        for (size_t i = 0; rc == 0 && i < root->count; i++) {
-            char where[4200];
-            ex_buf dialog = {NULL, 0, 0};
-            snprintf(where, sizeof where, "%s: dialog %zu", path, i);
-            rc = render_dialog(root->items[i], &dialog, where, c);
-            if (rc == 0 && dialog.len > 0) rc = corpus_add(c, &dialog);
-            ex_buf_free(&dialog);
-        }
-        jl_free(root);
-        if (rc != 0) return -1;
-    }
-    if (c->n == 0) return fail("no dialogs in %s/data/taskmaster-coffee/dialogs_*.json", o->shared);
+    int files;
+    if (coffee_for_each(o->shared, "dialogs", "dialog", dialog_item, c, &files) != 0) return -1;
+    if (c->n == 0) return ex_fail("no dialogs in %s/data/taskmaster-coffee/dialogs_*.json", o->shared);
     return 0;
 }
 
 /* A random window of `seq` tokens from a random dialog (shorter dialogs whole). */
 static void sample_window(const corpus *c, uint64_t *rng, int seq, int32_t *row, int32_t *length) {
-    int d = (int)(rng_next(rng) % (uint64_t)c->n), n = c->lengths[d];
-    int start = n > seq ? (int)(rng_next(rng) % (uint64_t)(n - seq + 1)) : 0;
+    int d = (int)(ex_rng_next(rng) % (uint64_t)c->n), n = c->lengths[d];
+    int start = n > seq ? (int)(ex_rng_next(rng) % (uint64_t)(n - seq + 1)) : 0;
     int len = n - start < seq ? n - start : seq;
     memcpy(row, c->rows[d] + start, (size_t)len * sizeof(int32_t));
     for (int t = len; t < seq; t++) row[t] = BYTE_TOKEN_PAD;
@@ -741,13 +488,13 @@ static int pretrain(const options *o, void *result) {
     (void)result;
     perl_set_num_threads(o->threads);
     corpus c = {NULL, NULL, 0, 0, 0};
-    double t0 = now_seconds();
+    double t0 = ex_now_seconds();
     if (o->pretrain_steps > 0) { /* 0 steps saves the random initialisation (for timing larger shapes) */
         if (load_dialogs(o, &c) != 0) return corpus_free(&c), -1;
         long bytes = 0;
         for (int i = 0; i < c.n; i++) bytes += c.lengths[i];
         printf("pretrain: %d dialogs, %.1f MB of text (%ld malformed API annotations skipped), read in %.1f s\n", c.n,
-               bytes / 1e6, c.skipped_annotations, now_seconds() - t0);
+               bytes / 1e6, c.skipped_annotations, ex_now_seconds() - t0);
     }
 
     perl_model_config cfg;
@@ -767,10 +514,10 @@ static int pretrain(const options *o, void *result) {
     opt.lr = o->pretrain_lr, opt.schedule = LIBPERL_LR_COSINE, opt.warmup_steps = o->pretrain_steps / 20;
     opt.total_steps = o->pretrain_steps, opt.min_lr_ratio = 0.1f, opt.weight_decay = 0.01f;
     if (!tokens || !lengths)
-        fail("out of memory");
+        ex_fail("out of memory");
     else if (perl_model_create_random(&model, &cfg, o->seed) != 0 || perl_lora_create(&lora, model, &lo) != 0 ||
              perl_lora_set_optimizer(lora, &opt) != 0)
-        fail("creating the base: %s", perl_last_error());
+        ex_fail("creating the base: %s", perl_last_error());
     else
         rc = 0;
     printf("pretrain: dim %d, %d layers, %d heads (%d kv), hidden %d, vocab %d: %zu parameters; %d steps of %d x %d "
@@ -778,7 +525,7 @@ static int pretrain(const options *o, void *result) {
            cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim, cfg.vocab_size,
            model ? perl_model_num_params(model) : 0, o->pretrain_steps, B, seq);
     uint64_t rng = o->seed * 0x9e3779b97f4a7c15ull + 1;
-    double loss_avg = 0.0, t_start = now_seconds();
+    double loss_avg = 0.0, t_start = ex_now_seconds();
     for (int s = 0; rc == 0 && s < o->pretrain_steps; s++) {
         for (int b = 0; b < B; b++) sample_window(&c, &rng, seq, tokens + (size_t)b * seq, lengths + b);
         perl_batch batch;
@@ -787,7 +534,7 @@ static int pretrain(const options *o, void *result) {
         perl_step_stats st;
         perl_step_stats_init(&st);
         if (perl_lora_sft_step(lora, &batch, NULL, &st) != 0) {
-            rc = fail("pretraining step %d: %s", s + 1, perl_last_error());
+            rc = ex_fail("pretraining step %d: %s", s + 1, perl_last_error());
             break;
         }
         loss_avg = s == 0 ? st.loss : 0.9 * loss_avg + 0.1 * st.loss;
@@ -795,13 +542,13 @@ static int pretrain(const options *o, void *result) {
         if ((s + 1) % every == 0 || s + 1 == o->pretrain_steps)
             printf("pretrain: step %4d/%d  loss %.3f (%.2f bits/byte)  next-byte acc %.2f  %.2f s/step\n", s + 1,
                    o->pretrain_steps, loss_avg, loss_avg / log(2.0), (double)st.accuracy,
-                   (now_seconds() - t_start) / (s + 1));
+                   (ex_now_seconds() - t_start) / (s + 1));
         fflush(stdout);
     }
     char err[512];
-    if (rc == 0 && ex_mkdir_p(o->base, err, sizeof err) != 0) rc = fail("%s", err);
-    if (rc == 0 && perl_lora_save(lora, o->base) != 0) rc = fail("saving %s: %s", o->base, perl_last_error());
-    if (rc == 0) printf("pretrain: saved the base model to %s (%.0f s)\n", o->base, now_seconds() - t0);
+    if (rc == 0 && ex_mkdir_p(o->base, err, sizeof err) != 0) rc = ex_fail("%s", err);
+    if (rc == 0 && perl_lora_save(lora, o->base) != 0) rc = ex_fail("saving %s: %s", o->base, perl_last_error());
+    if (rc == 0) printf("pretrain: saved the base model to %s (%.0f s)\n", o->base, ex_now_seconds() - t0);
     free(tokens);
     free(lengths);
     perl_lora_free(lora);
@@ -831,7 +578,7 @@ static int make_split(const dataset *d, int eval_max, split *s) {
     memset(s, 0, sizeof *s);
     s->train = malloc((size_t)d->n * sizeof(int));
     s->eval = malloc((size_t)d->n * sizeof(int));
-    if (!s->train || !s->eval) return fail("out of memory");
+    if (!s->train || !s->eval) return ex_fail("out of memory");
     for (int i = 0; i < d->n; i++) {
         if (d->items[i].held_out) {
             if (!eval_max || s->n_eval < eval_max) s->eval[s->n_eval++] = i;
@@ -841,27 +588,28 @@ static int make_split(const dataset *d, int eval_max, split *s) {
         s->n_truncated += d->items[i].truncated;
     }
     if (s->n_train == 0 || s->n_eval == 0)
-        return fail("the split left %d train and %d held-out examples", s->n_train, s->n_eval);
+        return ex_fail("the split left %d train and %d held-out examples", s->n_train, s->n_eval);
     return 0;
 }
 
 /* Held-out metrics: pointwise accuracy / AUC / majority baseline; pairwise accuracy / margin. */
 static int evaluate(perl_reward *rw, const dataset *d, const split *sp, variant_result *res) {
-    batch_buf b;
+    ex_batch_buf b;
+    memset(&b, 0, sizeof b);
     float scores[2][EVAL_BATCH];
-    int max_len = 1, rc = 0;
-    for (int i = 0; i < sp->n_eval; i++)
-        for (int s = 0; s <= d->pairwise; s++)
-            max_len = d->items[sp->eval[i]].length[s] > max_len ? d->items[sp->eval[i]].length[s] : max_len;
-    scored *all = malloc((size_t)sp->n_eval * sizeof *all);
-    if (!all) return fail("out of memory");
-    if (batch_buf_init(&b, EVAL_BATCH, max_len) != 0) return batch_buf_free(&b), free(all), -1;
-    double t0 = now_seconds(), right = 0.0, margin = 0.0, positives = 0.0;
+    int rc = 0;
+    ex_scored *all = malloc((size_t)sp->n_eval * sizeof *all);
+    if (!all) return ex_fail("out of memory");
+    double t0 = ex_now_seconds(), right = 0.0, margin = 0.0, positives = 0.0;
     for (int first = 0; rc == 0 && first < sp->n_eval; first += EVAL_BATCH) {
         int count = sp->n_eval - first < EVAL_BATCH ? sp->n_eval - first : EVAL_BATCH;
-        for (int s = 0; rc == 0 && s <= d->pairwise; s++)
-            if (perl_reward_score(rw, batch_fill(&b, d, sp->eval + first, count, s), scores[s]) != 0)
-                rc = fail("scoring: %s", perl_last_error());
+        for (int s = 0; rc == 0 && s <= d->pairwise; s++) {
+            perl_batch *batch = batch_fill(&b, NULL, d, sp->eval + first, count, s);
+            if (!batch)
+                rc = -1;
+            else if (perl_reward_score(rw, batch, scores[s]) != 0)
+                rc = ex_fail("scoring: %s", perl_last_error());
+        }
         for (int i = 0; rc == 0 && i < count; i++) {
             const example *e = &d->items[sp->eval[first + i]];
             if (d->pairwise) {
@@ -876,14 +624,14 @@ static int evaluate(perl_reward *rw, const dataset *d, const split *sp, variant_
         }
     }
     if (rc == 0) {
-        res->eval_seconds = now_seconds() - t0;
+        res->eval_seconds = ex_now_seconds() - t0;
         res->accuracy = right / sp->n_eval;
         res->mean_margin = margin / sp->n_eval;
-        res->auc = d->pairwise ? NAN : roc_auc(all, sp->n_eval);
+        res->auc = d->pairwise ? NAN : ex_roc_auc(all, sp->n_eval);
         double p = positives / sp->n_eval;
         res->majority = d->pairwise ? 0.5 : (p > 0.5 ? p : 1.0 - p);
     }
-    batch_buf_free(&b);
+    ex_batch_buf_free(&b);
     free(all);
     return rc;
 }
@@ -905,7 +653,7 @@ static int make_reward(const options *o, int full, perl_model *m, const dataset 
         double pos = 0.0;
         for (int i = 0; i < sp->n_train; i++) pos += d->items[sp->train[i]].label;
         double n = sp->n_train, neg = n - pos;
-        if (pos == 0.0 || neg == 0.0) return fail("the training split has only one class");
+        if (pos == 0.0 || neg == 0.0) return ex_fail("the training split has only one class");
         ro.objective = LIBPERL_REWARD_POINTWISE;
         ro.pos_weight = (float)(n / (2.0 * pos)); /* balanced: each class weighs half */
         ro.neg_weight = (float)(n / (2.0 * neg));
@@ -916,7 +664,7 @@ static int make_reward(const options *o, int full, perl_model *m, const dataset 
     opt.total_steps = o->steps, opt.min_lr_ratio = 0.1f;
     if (perl_lora_create(lora, m, &lo) != 0 || perl_reward_create(rw, m, *lora, &ro) != 0 ||
         perl_lora_set_optimizer(*lora, &opt) != 0 || perl_lora_set_recompute(*lora, o->recompute) != 0)
-        return fail("creating the reward model: %s", perl_last_error());
+        return ex_fail("creating the reward model: %s", perl_last_error());
     return 0;
 }
 
@@ -926,29 +674,34 @@ static int train(const options *o, perl_reward *rw, const dataset *d, const spli
     int B = o->batch ? o->batch : d->pairwise ? 8 : 16;
     B = B < sp->n_train ? B : sp->n_train;
     res->batch = B;
-    batch_buf side[2];
+    ex_batch_buf side[2];
     memset(side, 0, sizeof side);
-    int *order = malloc((size_t)sp->n_train * sizeof(int)), rc = order ? 0 : fail("out of memory");
-    for (int s = 0; rc == 0 && s <= d->pairwise; s++) rc = batch_buf_init(&side[s], B, o->seq_len);
+    int *order = malloc((size_t)sp->n_train * sizeof(int));
+    float *labels = malloc((size_t)B * sizeof(float));
+    int rc = order && labels ? 0 : ex_fail("out of memory");
     uint64_t rng = o->seed * 0x2545f4914f6cdd1dull + 7;
     int pos = sp->n_train, every = o->log_every ? o->log_every : (o->steps >= 10 ? o->steps / 10 : 1);
     double timed = 0.0, loss_avg = 0.0, acc_avg = 0.0;
     for (int step = 0; rc == 0 && step < o->steps; step++) {
         if (pos + B > sp->n_train) { /* a new epoch */
             memcpy(order, sp->train, (size_t)sp->n_train * sizeof(int));
-            shuffle(order, sp->n_train, &rng);
+            ex_shuffle(order, sp->n_train, &rng);
             pos = 0;
         }
         perl_reward_stats st;
         perl_reward_stats_init(&st);
-        perl_batch *a = batch_fill(&side[0], d, order + pos, B, 0);
-        double t0 = now_seconds();
-        int status = d->pairwise ? perl_reward_step_pairwise(rw, a, batch_fill(&side[1], d, order + pos, B, 1), NULL,
-                                                             NULL, NULL, &st)
-                                 : perl_reward_step_pointwise(rw, a, side[0].labels, NULL, &st);
-        double dt = now_seconds() - t0;
+        perl_batch *a = batch_fill(&side[0], labels, d, order + pos, B, 0);
+        if (!a) {
+            rc = -1;
+            break;
+        }
+        double t0 = ex_now_seconds();
+        int status = d->pairwise ? perl_reward_step_pairwise(rw, a, batch_fill(&side[1], NULL, d, order + pos, B, 1),
+                                                             NULL, NULL, NULL, &st)
+                                 : perl_reward_step_pointwise(rw, a, labels, NULL, &st);
+        double dt = ex_now_seconds() - t0;
         if (status != 0) {
-            rc = fail("step %d: %s", step + 1, perl_last_error());
+            rc = ex_fail("step %d: %s", step + 1, perl_last_error());
             break;
         }
         if (step > 0) timed += dt;
@@ -965,36 +718,10 @@ static int train(const options *o, perl_reward *rw, const dataset *d, const spli
     }
     res->steps = o->steps;
     res->seconds_per_step = o->steps > 1 ? timed / (o->steps - 1) : 0.0;
-    for (int s = 0; s < 2; s++) batch_buf_free(&side[s]);
+    for (int s = 0; s < 2; s++) ex_batch_buf_free(&side[s]);
     free(order);
+    free(labels);
     return rc;
-}
-
-static double peak_rss_mb(void) {
-    struct rusage ru;
-    return getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_maxrss / 1024.0 : NAN; /* Linux: kilobytes */
-}
-
-/* A "Vm...:  <kB> kB" line of /proc/self/status in MB, or NaN. */
-static double proc_status_mb(const char *key) {
-    FILE *f = fopen("/proc/self/status", "r");
-    char line[256];
-    double mb = NAN;
-    size_t n = strlen(key);
-    while (f && fgets(line, sizeof line, f))
-        if (strncmp(line, key, n) == 0 && line[n] == ':') mb = strtod(line + n + 1, NULL) / 1024.0;
-    if (f) fclose(f);
-    return mb;
-}
-
-/* Resets the kernel's high-water mark (VmHWM) so that the peak of the
- * training phase alone can be read; the process-wide ru_maxrss also counts
- * parsing the data set.  Linux >= 4.0; returns 0 on success. */
-static int reset_peak_rss(void) {
-    FILE *f = fopen("/proc/self/clear_refs", "w");
-    if (!f) return -1;
-    int ok = fputs("5", f) >= 0;
-    return fclose(f) == 0 && ok ? 0 : -1;
 }
 
 /* One variant, start to end, in its own process. */
@@ -1013,16 +740,16 @@ static int run_variant(const options *o, int full, variant_result *res) {
     perl_model_config cfg;
     perl_model_config_init(&cfg);
     if (perl_model_load(&m, o->base) != 0 || perl_model_get_config(m, &cfg) != 0)
-        rc = fail("%s: %s", o->base, perl_last_error());
+        rc = ex_fail("%s: %s", o->base, perl_last_error());
     else if (o->seq_len > cfg.max_seq_len)
-        rc = fail("--seq-len %d exceeds the base model's context %d", o->seq_len, cfg.max_seq_len);
+        rc = ex_fail("--seq-len %d exceeds the base model's context %d", o->seq_len, cfg.max_seq_len);
     if (rc == 0) rc = load_data(o, &d);
     if (rc == 0 && max_token(&d) >= cfg.vocab_size)
-        rc = fail("token id %d is outside the base model's vocabulary (%d): tokenised for another model?",
-                  max_token(&d), cfg.vocab_size);
+        rc = ex_fail("token id %d is outside the base model's vocabulary (%d): tokenised for another model?",
+                     max_token(&d), cfg.vocab_size);
     if (rc == 0) rc = make_split(&d, o->eval_max, &sp);
-    res->start_rss_mb = proc_status_mb("VmRSS");
-    int hwm_reset = reset_peak_rss() == 0;
+    res->start_rss_mb = ex_proc_status_mb("VmRSS");
+    int hwm_reset = ex_reset_peak_rss() == 0;
     if (rc == 0) rc = make_reward(o, full, m, &d, &sp, &lora, &rw);
     if (rc == 0) {
         res->trainable = perl_lora_num_params(lora);
@@ -1035,8 +762,8 @@ static int run_variant(const options *o, int full, variant_result *res) {
         rc = train(o, rw, &d, &sp, tag, res);
     }
     if (rc == 0) rc = evaluate(rw, &d, &sp, res);
-    res->peak_rss_mb = peak_rss_mb();
-    res->train_hwm_mb = hwm_reset ? proc_status_mb("VmHWM") : NAN;
+    res->peak_rss_mb = ex_peak_rss_mb();
+    res->train_hwm_mb = hwm_reset ? ex_proc_status_mb("VmHWM") : NAN;
     if (rc == 0) {
         printf("[%s] held-out accuracy %.3f", tag, res->accuracy);
         if (!d.pairwise) printf(" (majority class %.3f), AUC %.3f", res->majority, res->auc);
@@ -1060,11 +787,11 @@ static int run_full(const options *o, void *result) { return run_variant(o, 1, r
 /* Runs fn in a child process; its result struct comes back through a pipe. */
 static int in_child(int (*fn)(const options *, void *), const options *o, void *result, size_t size) {
     int fds[2];
-    if (pipe(fds) != 0) return fail("pipe: %s", strerror(errno));
+    if (pipe(fds) != 0) return ex_fail("pipe: %s", strerror(errno));
     fflush(stdout);
     fflush(stderr);
     pid_t pid = fork();
-    if (pid < 0) return fail("fork: %s", strerror(errno));
+    if (pid < 0) return ex_fail("fork: %s", strerror(errno));
     if (pid == 0) {
         close(fds[0]);
         int rc = fn(o, result);
@@ -1084,9 +811,9 @@ static int in_child(int (*fn)(const options *, void *), const options *o, void *
     close(fds[0]);
     int status;
     while (waitpid(pid, &status, 0) < 0)
-        if (errno != EINTR) return fail("waitpid: %s", strerror(errno));
+        if (errno != EINTR) return ex_fail("waitpid: %s", strerror(errno));
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 || got != size)
-        return WIFSIGNALED(status) ? fail("child killed by signal %d", WTERMSIG(status)) : -1;
+        return WIFSIGNALED(status) ? ex_fail("child killed by signal %d", WTERMSIG(status)) : -1;
     return 0;
 }
 
@@ -1110,13 +837,14 @@ static void print_summary(const options *o, const variant_result *r, int n) {
 
 int main(int argc, char **argv) {
     options o;
+    ex_program = "reward_train";
     options_default(&o);
     int rc = parse_args(argc, argv, &o);
     if (rc != 0) return rc > 0 ? 0 : 2;
     char config[4200];
     snprintf(config, sizeof config, "%s/config.json", o.base);
     if (!ex_path_exists(config)) {
-        if (o.train_tokens) return fail("--train-tokens needs an existing --base (the model the tokens are for)"), 1;
+        if (o.train_tokens) return ex_fail("--train-tokens needs an existing --base (the model the tokens are for)"), 1;
         printf(o.pretrain_steps ? "no base model at %s: pretraining one on the Taskmaster dialogs\n"
                                 : "no base model at %s: saving a random one (--pretrain-steps 0)\n",
                o.base);
