@@ -193,9 +193,12 @@ static void attend_one(gen *g, int layer, int i, int group_index, float *scores)
         }
         float *o = g->att + (size_t)i * H * D + (size_t)h * D;
         memset(o, 0, (size_t)D * sizeof(float));
+        /* exponentials in their own loop so it vectorises (the same perl_expf
+         * as the training engine's attention, so both compute the same values) */
+        for (int j = 0; j < T; j++) scores[j] = perl_expf(scores[j] - m);
         float sum = 0.0f;
         for (int j = 0; j < T; j++) {
-            float e = expf(scores[j] - m);
+            float e = scores[j];
             sum += e;
             const float *vj = Vc + (size_t)j * kvd;
             for (int d = 0; d < D; d++) o[d] += e * vj[d];
