@@ -14,8 +14,11 @@
 #  include <immintrin.h>
 #endif
 
-/* At most this many input rows take the row kernel. */
-#define SMALL_ROWS 8
+/* At most this many input rows take the row kernel, in blocks of ROW_BLOCK
+ * rows that share each weight row's load (8 accumulators + 1 weight vector
+ * fit AVX2's 16 registers). */
+#define SMALL_ROWS 16
+#define ROW_BLOCK 8
 
 typedef struct rows_ctx {
     float *y;
@@ -33,15 +36,16 @@ static float hsum256(__m256 v) {
 }
 #endif
 
-/* y[i, o] = x_i . W_o for i < n (n <= 4), o in [begin, end). */
+/* y[i, o] = x_i . W_o for i < n (n <= ROW_BLOCK), o in [begin, end). */
 static void rows_block(const rows_ctx *c, int i0, int n, int64_t begin, int64_t end) {
     int in = c->in;
     for (int64_t o = begin; o < end; o++) {
         const float *w = c->W + (size_t)o * in;
-        float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float sum[ROW_BLOCK] = {0.0f};
         int k = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        __m256 acc[ROW_BLOCK];
+        for (int r = 0; r < ROW_BLOCK; r++) acc[r] = _mm256_setzero_ps();
         for (; k + 8 <= in; k += 8) {
             __m256 wv = _mm256_loadu_ps(w + k);
             for (int r = 0; r < n; r++)
@@ -60,7 +64,7 @@ static void rows_block(const rows_ctx *c, int i0, int n, int64_t begin, int64_t 
 
 static void rows_range(void *p, int64_t begin, int64_t end) {
     const rows_ctx *c = p;
-    for (int i = 0; i < c->N; i += 4) rows_block(c, i, PERL_MIN(4, c->N - i), begin, end);
+    for (int i = 0; i < c->N; i += ROW_BLOCK) rows_block(c, i, PERL_MIN(ROW_BLOCK, c->N - i), begin, end);
 }
 
 void matmul_forward(float *y, const float *x, const float *W, const float *b, int N, int in, int out,
