@@ -4,23 +4,27 @@
 #include "fileio.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <string.h>
 
 #define STATE_MAGIC "LPSTATE"
 #define STATE_VERSION 1u
 #define STATE_MAX_BYTES ((size_t)1 << 40)
 
-uint32_t perl_crc32(uint32_t crc, const void *data, size_t len) {
-    static uint32_t table[256];
-    static int ready; /* benign race: every thread computes the same table */
-    if (!ready) {
-        for (uint32_t i = 0; i < 256; i++) {
-            uint32_t c = i;
-            for (int k = 0; k < 8; k++) c = c & 1 ? 0xedb88320u ^ (c >> 1) : c >> 1;
-            table[i] = c;
-        }
-        ready = 1;
+static uint32_t crc_table[256];
+static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
+
+static void crc_table_init(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = c & 1 ? 0xedb88320u ^ (c >> 1) : c >> 1;
+        crc_table[i] = c;
     }
+}
+
+uint32_t perl_crc32(uint32_t crc, const void *data, size_t len) {
+    pthread_once(&crc_once, crc_table_init); /* trainers may save on several threads at once */
+    const uint32_t *table = crc_table;
     const unsigned char *p = data;
     crc = ~crc;
     for (size_t i = 0; i < len; i++) crc = table[(crc ^ p[i]) & 0xff] ^ (crc >> 8);

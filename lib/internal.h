@@ -76,7 +76,10 @@ float perl_f16_to_f32(uint16_t h);
  * scalar call per element. */
 static inline float perl_expf(float x) {
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+    /* NaN passes the clamp: take the exponent from 0 (an int conversion of NaN
+     * is undefined) and let r carry the NaN into the result */
+    float finite = x == x ? x : 0.0f;
+    float n = __builtin_floorf(finite * 1.44269504088896341f + 0.5f);
     float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.16666667163372040f + r * (0.041666645556688309f +
                   r * (0.0083333477377891541f + r * 0.0013887970801442862f)))));
