@@ -100,7 +100,7 @@ static void swiglu_forward_range(void *p, int64_t begin, int64_t end) {
     swiglu_ctx *c = p;
     for (int64_t i = begin; i < end; i++) {
         float g = c->gate[i];
-        c->act[i] = g / (1.0f + expf(-g)) * c->up[i];
+        c->act[i] = g / (1.0f + perl_expf(-g)) * c->up[i];
     }
 }
 
@@ -112,7 +112,7 @@ void swiglu_forward(float *act, const float *gate, const float *up, int64_t n) {
 static void swiglu_backward_range(void *p, int64_t begin, int64_t end) {
     swiglu_ctx *c = p;
     for (int64_t i = begin; i < end; i++) {
-        float g = c->gate[i], sig = 1.0f / (1.0f + expf(-g));
+        float g = c->gate[i], sig = 1.0f / (1.0f + perl_expf(-g));
         float silu = g * sig;
         c->dup[i] = c->dact[i] * silu;
         c->dgate[i] = c->dact[i] * c->up[i] * sig * (1.0f + g * (1.0f - sig));
