@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# scripts/deps.sh [demo|check|bench]
+# scripts/deps.sh [demo|check|bench|abi]
 #
 # Makes sure the Debian packages that `make <mode>` needs are installed.
 # Quiet when they are.  Missing ones are installed with apt-get when running
 # as root; otherwise (or when that fails) it prints exactly what is missing
 # and the command to install it, and exits 1.  Optional packages (gnuplot for
-# the demo's plot) are installed when possible; their absence is a warning.
+# the demo's plot, abigail-tools for `make check-abi`) are installed when
+# possible; their absence is a warning.
 #
 # Environment: BLAS=openblas (default) or BLAS=blis selects the BLAS package.
 set -euo pipefail
 
 mode=${1:-demo}
 case "$mode" in
-    demo | check | bench) ;;
+    demo | check | bench | abi) ;;
     *)
-        echo "usage: $0 [demo|check|bench]" >&2
+        echo "usage: $0 [demo|check|bench|abi]" >&2
         exit 2
         ;;
 esac
@@ -40,6 +41,7 @@ case "$mode" in
         ;;
     demo) optional+=(gnuplot-nox) ;; # the demo plots its training curves when gnuplot exists
     bench) ;;
+    abi) optional+=(abigail-tools) ;; # abidw/abidiff: without them check-abi compares symbols only
 esac
 
 install_command() {
