@@ -222,22 +222,25 @@ int atomic_file_open(atomic_file *f, const char *path)
     PERL_CHECK_ARG(f != NULL && path != NULL && path[0] != '\0', "atomic write: empty path");
     memset(f, 0, sizeof *f);
     f->fd = -1;
-    char suffix[64];
-    snprintf(suffix, sizeof suffix, ".tmp.%ld.%u", (long)getpid(),
-             atomic_fetch_add(&temp_counter, 1u));
-    size_t pl = strlen(path), sl = strlen(suffix);
+    size_t pl = strlen(path);
     f->path = perl_mem_strdup(path);
-    f->tmp_path = perl_mem_alloc(pl + sl + 1);
+    f->tmp_path = perl_mem_alloc(pl + 64);
     f->buf = perl_mem_alloc(ATOMIC_BUF_SIZE);
     if (f->path == NULL || f->tmp_path == NULL || f->buf == NULL) {
         atomic_file_abort(f);
         return perl_fail(LIBPERL_ERR_OUT_OF_MEMORY, "writing '%s': out of memory", path);
     }
-    memcpy(f->tmp_path, path, pl);
-    memcpy(f->tmp_path + pl, suffix, sl + 1);
-    f->fd = open(f->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    /* A temp file left by a killed process may carry our name: a restarted
+     * container job often has the same pid.  Such leftovers are never ours
+     * to reuse, so skip to the next name. */
+    int e = EEXIST;
+    for (int attempt = 0; attempt < 1000 && e == EEXIST; attempt++) {
+        memcpy(f->tmp_path, path, pl);
+        snprintf(f->tmp_path + pl, 64, ".tmp.%ld.%u", (long)getpid(), atomic_fetch_add(&temp_counter, 1u));
+        f->fd = open(f->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+        e = f->fd < 0 ? errno : 0;
+    }
     if (f->fd < 0) {
-        int e = errno;
         int rc = perl_fail(LIBPERL_ERR_IO, "cannot create '%s': %s", f->tmp_path, strerror(e));
         perl_mem_free(f->tmp_path); /* nothing was created: do not unlink */
         f->tmp_path = NULL;

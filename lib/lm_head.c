@@ -36,9 +36,9 @@ static float row_max(const float *z, int V, int32_t *out_argmax) {
     float m = -INFINITY;
     for (int k = 0; k < LANES; k++) m = lane[k] > m ? lane[k] : m;
     for (; j < V; j++) m = z[j] > m ? z[j] : m;
-    int best = 0; /* first index of the maximum: ties go to the lowest id */
-    while (z[best] != m) best++;
-    *out_argmax = best;
+    int best = 0; /* first index of the maximum: ties go to the lowest id; 0 for an all-NaN row */
+    while (best < V && z[best] != m) best++;
+    *out_argmax = best < V ? best : 0;
     return m;
 }
 

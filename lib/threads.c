@@ -91,7 +91,22 @@ static int online_cpus(void) {
     return n < 1 ? 1 : (n > MAX_THREADS ? MAX_THREADS : (int)n);
 }
 
+/* A forked child has only the forking thread: forget the parent's workers
+ * (their locks may be held by threads that no longer exist) and run loops
+ * inline until perl_set_num_threads starts new ones. */
+static void pool_after_fork_child(void) {
+    pthread_mutex_init(&g_pool.lock, NULL);
+    pthread_cond_init(&g_pool.work_ready, NULL);
+    pthread_cond_init(&g_pool.work_done, NULL);
+    pthread_mutex_init(&g_busy, NULL);
+    g_pool.n_workers = 0;
+    g_pool.pending = 0;
+    g_pool.shutdown = 0;
+    g_num_threads = 1;
+}
+
 static void pool_default_init(void) {
+    pthread_atfork(NULL, NULL, pool_after_fork_child);
     int n = online_cpus();
     const char *env = getenv("LIBPERL_NUM_THREADS");
     if (env && atoi(env) > 0) n = PERL_MIN(atoi(env), MAX_THREADS);
