@@ -93,12 +93,12 @@ static demo_plan plan_for(int quick)
     p.reward_batch = 16;
     p.reward_eval_pairs = quick ? 64 : 256;
     p.reward_lr = 2e-3f;
-    p.rl_steps = quick ? 20 : 120;
+    p.rl_steps = quick ? 40 : 120; /* fewer makes the quick check a coin toss */
     p.rl_prompts = 8;
     p.rl_group = 4;
     p.rl_lr = 2e-3f;
     p.rl_kl_coef = 0.2f;
-    p.eval_replies = quick ? 32 : 128;
+    p.eval_replies = quick ? 64 : 128;
     return p;
 }
 
