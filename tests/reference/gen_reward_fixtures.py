@@ -39,6 +39,7 @@ import torch
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from gen_fixtures import check_fd, generator  # noqa: E402  (one finite-difference checker)
 from llama_ref import LORA_TARGETS, LlamaConfig, LoraAdapter, forward  # noqa: E402
 from safetensors_io import load_file, save_file  # noqa: E402
 
@@ -54,12 +55,6 @@ HEAD_STD = 0.2
 PAIRWISE = dict(chosen_seq=9, chosen_lengths=[9, 4, 7], rejected_seq=11, rejected_lengths=[6, 11, 1],
                 margins=[0.5, 0.0, -0.25], center_coef=0.1)
 POINTWISE = dict(seq=10, lengths=[10, 3, 8, 5], labels=[1.0, 0.0, 0.0, 1.0], pos_weight=0.7, neg_weight=2.0)
-
-
-def generator(seed):
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
 
 
 def meta(kind, **extra):
@@ -141,25 +136,6 @@ def check_rows_alone(cfg, weights, adapter, head, tokens, lengths, scores):
         assert err <= 1e-12 * max(1.0, abs(float(scores[b]))), f"row {b}: alone {alone[0]} vs batch {scores[b]}"
 
 
-def check_fd(what, loss_fn, params, grads, seed, per_tensor=3, h=1e-6):
-    """Central float64 finite differences at a few entries of each tensor (incl. the largest)."""
-    g = generator(seed)
-    with torch.no_grad():
-        for name, p in params.items():
-            flat, gflat = p.view(-1), grads[name].reshape(-1)
-            picks = torch.randint(flat.numel(), (per_tensor,), generator=g).tolist()
-            picks.append(int(gflat.abs().argmax()))
-            for j in picks:
-                orig = float(flat[j])
-                flat[j] = orig + h
-                plus = float(loss_fn())
-                flat[j] = orig - h
-                minus = float(loss_fn())
-                flat[j] = orig
-                fd, ag = (plus - minus) / (2 * h), float(gflat[j])
-                assert abs(fd - ag) <= 1e-7 + 1e-5 * abs(ag), f"{what}: {name}[{j}] fd {fd:.10e} vs {ag:.10e}"
-
-
 # ---- fixtures ----------------------------------------------------------------
 
 
@@ -198,7 +174,7 @@ def gen_pairwise(out, cfg, weights, adapter, head, self_check):
         with torch.no_grad():
             check_rows_alone(cfg, weights, adapter, head, chosen, chosen_len, r_c)
             check_rows_alone(cfg, weights, adapter, head, rejected, rejected_len, r_r)
-        check_fd("pairwise", lambda: loss_fn()[0], params, grads, 44)
+        check_fd("pairwise", lambda: loss_fn()[0], params, grads, 44, per_tensor=3)
     r_c, r_r = r_c.detach(), r_r.detach()
     tensors = {
         "chosen_tokens": (chosen, "I32"), "chosen_lengths": (chosen_len, "I32"),
@@ -229,7 +205,7 @@ def gen_pointwise(out, cfg, weights, adapter, head, self_check):
     if self_check:
         with torch.no_grad():
             check_rows_alone(cfg, weights, adapter, head, tokens, lengths, r)
-        check_fd("pointwise", lambda: loss_fn()[0], params, grads, 46)
+        check_fd("pointwise", lambda: loss_fn()[0], params, grads, 46, per_tensor=3)
     r = r.detach()
     tensors = {
         "tokens": (tokens, "I32"), "lengths": (lengths, "I32"), "labels": (labels, "F32"),
