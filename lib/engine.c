@@ -260,7 +260,7 @@ static float *resid_at(engine *e, int layer) {
     return e->resid + (size_t)layer * e->capacity * e->model->cfg.dim;
 }
 
-static void layer_forward(engine *e, int l, layer_acts *a) {
+static int layer_forward(engine *e, int l, layer_acts *a) {
     const perl_model_config *c = &e->model->cfg;
     const layer_weights *L = &e->w->layers[l];
     const packed_batch *pb = e->pb;
@@ -277,8 +277,8 @@ static void layer_forward(engine *e, int l, layer_acts *a) {
                c->rope_interleaved, 0);
     rope_apply(a->k, pb->pos, N, c->n_kv_heads, c->head_dim, e->model->rope_cos, e->model->rope_sin,
                c->rope_interleaved, 0);
-    attention_forward(a->att, a->lse, a->q, a->k, a->v, pb->row_start, pb->n_rows, c->n_heads, c->n_kv_heads,
-                      c->head_dim);
+    PERL_TRY(attention_forward(a->att, a->lse, a->q, a->k, a->v, pb->row_start, pb->n_rows, c->n_heads,
+                               c->n_kv_heads, c->head_dim));
     /* x_mid = x + att Wo^T */
     memcpy(a->x_mid, x, (size_t)N * dim * sizeof(float));
     linear_forward(e, a, l, LORA_O, a->att, L->wo, NULL, a->x_mid, N, qd, dim, 1.0f);
@@ -290,10 +290,11 @@ static void layer_forward(engine *e, int l, layer_acts *a) {
     /* out = x_mid + act Wdown^T */
     memcpy(out, a->x_mid, (size_t)N * dim * sizeof(float));
     linear_forward(e, a, l, LORA_DOWN, a->act, L->w_down, NULL, out, N, hid, dim, 1.0f);
+    return LIBPERL_OK;
 }
 
 /* On entry e->d_resid = dL/d(layer output); on exit dL/d(layer input). */
-static void layer_backward(engine *e, int l, layer_acts *a) {
+static int layer_backward(engine *e, int l, layer_acts *a) {
     const perl_model_config *c = &e->model->cfg;
     const layer_weights *L = &e->w->layers[l];
     const layer_weights *dL = e->lora && e->lora->opts.mode == LIBPERL_MODE_FULL ? &e->lora->full_dw.layers[l]
@@ -321,8 +322,8 @@ static void layer_backward(engine *e, int l, layer_acts *a) {
     /* attention: x_mid = x + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))) */
     memset(e->d_att, 0, (size_t)N * qd * sizeof(float));
     linear_backward(e, a, l, LORA_O, e->d_att, dL ? dL->wo : NULL, NULL, e->d_resid, a->att, L->wo, N, qd, dim);
-    attention_backward(e->d_q, e->d_k, e->d_v, e->d_att, a->att, a->lse, a->q, a->k, a->v, pb->row_start,
-                       pb->n_rows, c->n_heads, c->n_kv_heads, c->head_dim);
+    PERL_TRY(attention_backward(e->d_q, e->d_k, e->d_v, e->d_att, a->att, a->lse, a->q, a->k, a->v, pb->row_start,
+                                pb->n_rows, c->n_heads, c->n_kv_heads, c->head_dim));
     rope_apply(e->d_q, pb->pos, N, c->n_heads, c->head_dim, e->model->rope_cos, e->model->rope_sin,
                c->rope_interleaved, 1);
     rope_apply(e->d_k, pb->pos, N, c->n_kv_heads, c->head_dim, e->model->rope_cos, e->model->rope_sin,
@@ -336,6 +337,7 @@ static void layer_backward(engine *e, int l, layer_acts *a) {
     linear_backward(e, a, l, LORA_V, e->d_x, dL ? dL->wv : NULL, dL ? dL->bv : NULL, e->d_v, a->xn1, L->wv, N,
                     dim, kvd);
     rmsnorm_backward(e->d_resid, dL ? dL->attn_norm : NULL, e->d_x, x, L->attn_norm, a->rstd1, N, dim);
+    return LIBPERL_OK;
 }
 
 /* ---- whole model --------------------------------------------------------------- */
@@ -352,7 +354,7 @@ int engine_forward(engine *e, const packed_batch *pb, int training) {
     for (int i = 0; i < N; i++)
         memcpy(x0 + (size_t)i * dim, e->w->tok_emb + (size_t)pb->tokens[i] * dim, (size_t)dim * sizeof(float));
     int keep_all = training && e->n_slots == c->n_layers;
-    for (int l = 0; l < c->n_layers; l++) layer_forward(e, l, &e->slots[keep_all ? l : 0]);
+    for (int l = 0; l < c->n_layers; l++) PERL_TRY(layer_forward(e, l, &e->slots[keep_all ? l : 0]));
     rmsnorm_forward(e->hidden, e->rstd_final, resid_at(e, c->n_layers), e->w->final_norm, N, dim,
                     c->rms_norm_eps);
     memset(e->dhidden, 0, (size_t)N * dim * sizeof(float));
@@ -372,8 +374,8 @@ int engine_backward(engine *e) {
     int keep_all = e->n_slots == c->n_layers;
     for (int l = c->n_layers - 1; l >= 0; l--) {
         layer_acts *a = &e->slots[keep_all ? l : 0];
-        if (!keep_all) layer_forward(e, l, a); /* recompute this layer's activations */
-        layer_backward(e, l, a);
+        if (!keep_all) PERL_TRY(layer_forward(e, l, a)); /* recompute this layer's activations */
+        PERL_TRY(layer_backward(e, l, a));
     }
     float *d_emb = full ? e->lora->full_dw.tok_emb : NULL;
     if (d_emb) { /* serial: rows sharing a token id accumulate in a fixed order */

@@ -79,7 +79,9 @@ static inline float perl_expf(float x) {
     /* NaN passes the clamp: take the exponent from 0 (an int conversion of NaN
      * is undefined) and let r carry the NaN into the result */
     float finite = x == x ? x : 0.0f;
-    float n = __builtin_floorf(finite * 1.44269504088896341f + 0.5f);
+    /* n = round(x / ln2) by the 1.5 * 2^23 trick: floorf is a libm call
+     * without -ffast-math, which would keep the loops that call this scalar */
+    float n = (finite * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.16666667163372040f + r * (0.041666645556688309f +
                   r * (0.0083333477377891541f + r * 0.0013887970801442862f)))));

@@ -37,13 +37,15 @@ void dropout_forward(float *dst, const float *src, int64_t n, float p, uint64_t 
 /* Causal grouped-query attention over packed rows.
  * q[N, H*D], k/v[N, KV*D] (RoPE already applied), out[N, H*D], lse[N, H]
  * (log-sum-exp of each query's scaled scores, kept for backward).  No
- * [T, T] score matrix is stored. */
-void attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
-                       const int *row_start, int n_rows, int n_heads, int n_kv_heads, int head_dim);
+ * [T, T] score matrix is stored.  Returns LIBPERL_OK, or LIBPERL_ERR_OUT_OF_MEMORY
+ * when a worker could not allocate its scratch (the outputs are then
+ * incomplete). */
+int attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
+                      const int *row_start, int n_rows, int n_heads, int n_kv_heads, int head_dim);
 /* dq, dk, dv are written (=), from dout and the forward's out/lse. */
-void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
-                        const float *lse, const float *q, const float *k, const float *v,
-                        const int *row_start, int n_rows, int n_heads, int n_kv_heads, int head_dim);
+int attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                       const float *lse, const float *q, const float *k, const float *v,
+                       const int *row_start, int n_rows, int n_heads, int n_kv_heads, int head_dim);
 
 /* Dense layers through CBLAS; W is [out, in] (nn.Linear).
  * y[N, out] = x W^T + b (beta = 0 overwrites, 1 accumulates) */
