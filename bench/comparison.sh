@@ -14,7 +14,10 @@
 # Environment: BUILD (default build), OUT, SECTIONS (any of rm rl gen; default
 # all), STEPS (timed steps, default 5), REPS (generation reps, default 5),
 # THREADS (rm/rl threads, default 1), PY (default /usr/bin/python3),
-# PERL_SHARED_DIR (default ../shared), RM_SEQ (64), RL_PROMPT (32), RL_RESPONSE (16).
+# PERL_SHARED_DIR (default ../shared), RM_BATCH (pairs, 2), RM_SEQ (64), RL_BATCH (4),
+# RL_PROMPT (32), RL_RESPONSE (16),
+# BASES (rm/rl bases, default "random768 random288"; the demo's saved base
+# build/demo/base_model is added to rm and rl when it exists).
 set -eu
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
@@ -24,9 +27,13 @@ STEPS=${STEPS:-5}
 REPS=${REPS:-5}
 THREADS=${THREADS:-1}
 PY=${PY:-/usr/bin/python3}
+RM_BATCH=${RM_BATCH:-2}
 RM_SEQ=${RM_SEQ:-64}
+RL_BATCH=${RL_BATCH:-4}
 RL_PROMPT=${RL_PROMPT:-32}
 RL_RESPONSE=${RL_RESPONSE:-16}
+BASES=${BASES:-"random768 random288"}
+DEMO_BASE=build/demo/base_model
 export OMP_WAIT_POLICY=passive
 export PERL_SHARED_DIR=${PERL_SHARED_DIR:-../shared}
 mkdir -p "$(dirname "$OUT")"
@@ -67,25 +74,30 @@ for section in $SECTIONS; do
     case $section in
     rm)
         # LoRA and full alternate so each ratio comes from one run window
-        for base in random768 random288; do
+        for base in $BASES; do
             for mode in lora full; do
-                run "$PC" --task rm --mode $mode --base $base --batch 2 --seq "$RM_SEQ" --steps "$STEPS" --warmup 1 --threads "$THREADS"
-                run "$PY" bench/rm_torch.py --mode $mode --base $base --batch 2 --seq "$RM_SEQ" --steps "$STEPS" --warmup 1 --threads "$THREADS"
+                run "$PC" --task rm --mode $mode --base $base --batch "$RM_BATCH" --seq "$RM_SEQ" --steps "$STEPS" --warmup 1 --threads "$THREADS"
+                run "$PY" bench/rm_torch.py --mode $mode --base $base --batch "$RM_BATCH" --seq "$RM_SEQ" --steps "$STEPS" --warmup 1 --threads "$THREADS"
             done
         done
-        if [ -d build/demo/base ]; then
+        if [ -d "$DEMO_BASE" ]; then
             for mode in lora full; do
-                run "$PC" --task rm --mode $mode --base build/demo/base --batch 2 --seq "$RM_SEQ" --steps "$STEPS" --warmup 1 --threads "$THREADS"
+                run "$PC" --task rm --mode $mode --base "$DEMO_BASE" --batch "$RM_BATCH" --seq "$RM_SEQ" --steps "$STEPS" --warmup 1 --threads "$THREADS"
             done
         fi
         ;;
     rl)
-        for base in random768 random288; do
+        for base in $BASES; do
             for mode in lora full; do
-                run "$PC" --task rl --mode $mode --base $base --batch 4 --prompt "$RL_PROMPT" --response "$RL_RESPONSE" --steps "$STEPS" --warmup 1 --threads "$THREADS"
-                run "$PY" bench/rl_torch.py --mode $mode --base $base --batch 4 --prompt "$RL_PROMPT" --response "$RL_RESPONSE" --steps "$STEPS" --warmup 1 --threads "$THREADS"
+                run "$PC" --task rl --mode $mode --base $base --batch "$RL_BATCH" --prompt "$RL_PROMPT" --response "$RL_RESPONSE" --steps "$STEPS" --warmup 1 --threads "$THREADS"
+                run "$PY" bench/rl_torch.py --mode $mode --base $base --batch "$RL_BATCH" --prompt "$RL_PROMPT" --response "$RL_RESPONSE" --steps "$STEPS" --warmup 1 --threads "$THREADS"
             done
         done
+        if [ -d "$DEMO_BASE" ]; then
+            for mode in lora full; do
+                run "$PC" --task rl --mode $mode --base "$DEMO_BASE" --batch "$RL_BATCH" --prompt "$RL_PROMPT" --response "$RL_RESPONSE" --steps "$STEPS" --warmup 1 --threads "$THREADS"
+            done
+        fi
         ;;
     gen)
         for t in 1 2; do

@@ -122,8 +122,13 @@ typedef struct rl_state {
     int vocab;
 } rl_state;
 
-/* generate + score + train; returns seconds. */
-static double rl_step(const settings *s, rl_state *st, uint64_t seed) {
+/* The three phases of an RL step, in seconds (to say where the time goes). */
+typedef struct rl_phases {
+    double generate, score, train;
+} rl_phases;
+
+/* generate + score + train; returns seconds and fills *ph. */
+static double rl_step(const settings *s, rl_state *st, uint64_t seed, rl_phases *ph) {
     double t0 = now_s();
     perl_batch prompts;
     perl_batch_init(&prompts);
@@ -132,6 +137,7 @@ static double rl_step(const settings *s, rl_state *st, uint64_t seed) {
     perl_generate_options_init(&g);
     g.max_new_tokens = s->response, g.seed = seed;
     TRY("generate", perl_generate(st->m, st->policy, &prompts, &g, st->responses, st->resp_lens, st->logprobs));
+    double t1 = now_s();
     int total = s->prompt + s->response;
     int32_t *lengths = malloc((size_t)s->batch * sizeof *lengths);
     for (int b = 0; b < s->batch; b++) {
@@ -147,15 +153,18 @@ static double rl_step(const settings *s, rl_state *st, uint64_t seed) {
     perl_batch_init(&scored);
     scored.batch_size = s->batch, scored.seq_len = total, scored.tokens = st->scored, scored.lengths = lengths;
     TRY("score", perl_reward_score(st->rm, &scored, st->rewards));
+    double t2 = now_s();
     perl_policy_stats ps;
     perl_policy_stats_init(&ps);
     TRY("policy step", perl_policy_step(st->trainer, &prompts, st->responses, st->resp_lens, s->response, st->rewards,
                                         st->logprobs, &ps));
     free(lengths);
-    return now_s() - t0;
+    double t3 = now_s();
+    *ph = (rl_phases){t1 - t0, t2 - t1, t3 - t2};
+    return t3 - t0;
 }
 
-static void run_rl(const settings *s, perl_model *m, double *times, int *n_tokens) {
+static void run_rl(const settings *s, perl_model *m, double *times, int *n_tokens, rl_phases *median_phases) {
     rl_state st = {.m = m};
     st.policy = make_adapter(m, s->mode, 11);
     st.rm_lora = make_adapter(m, s->mode, 12);
@@ -176,8 +185,16 @@ static void run_rl(const settings *s, perl_model *m, double *times, int *n_token
     st.logprobs = malloc(B * s->response * sizeof(float));
     st.rewards = malloc(B * sizeof(float));
     fill_tokens(st.prompts, B * s->prompt, c.vocab_size, 3);
-    for (int i = 0; i < s->warmup; i++) rl_step(s, &st, (uint64_t)i);
-    for (int i = 0; i < s->steps; i++) times[i] = rl_step(s, &st, (uint64_t)(100 + i));
+    rl_phases ph;
+    double *gen = malloc((size_t)s->steps * sizeof *gen), *score = malloc((size_t)s->steps * sizeof *score);
+    double *train = malloc((size_t)s->steps * sizeof *train);
+    for (int i = 0; i < s->warmup; i++) rl_step(s, &st, (uint64_t)i, &ph);
+    for (int i = 0; i < s->steps; i++) {
+        times[i] = rl_step(s, &st, (uint64_t)(100 + i), &ph);
+        gen[i] = ph.generate, score[i] = ph.score, train[i] = ph.train;
+    }
+    *median_phases = (rl_phases){median(gen, s->steps), median(score, s->steps), median(train, s->steps)};
+    free(gen), free(score), free(train);
     *n_tokens = s->batch * (s->prompt + s->response);
     perl_policy_free(st.trainer);
     perl_reward_free(st.rm);
@@ -220,14 +237,18 @@ int main(int argc, char **argv) {
     perl_model *m = load_base(s.base);
     double *times = malloc((size_t)s.steps * sizeof *times);
     int n_tokens = 0;
+    rl_phases ph = {0, 0, 0};
     if (!strcmp(s.task, "rm")) run_rm(&s, m, times, &n_tokens);
-    else run_rl(&s, m, times, &n_tokens);
+    else run_rl(&s, m, times, &n_tokens, &ph);
     double med = median(times, s.steps);
     printf("{\"bench\": \"perl_comparison\", \"task\": \"%s\", \"mode\": \"%s\", \"base\": \"%s\", "
            "\"batch\": %d, \"seq\": %d, \"prompt\": %d, \"response\": %d, \"threads\": %d, \"steps\": %d, "
-           "\"precision\": \"fp32\", \"median_s\": %.4f, \"tokens_per_s\": %.1f, \"peak_rss_mb\": %.1f}\n",
+           "\"precision\": \"fp32\", \"median_s\": %.4f, \"tokens_per_s\": %.1f, \"peak_rss_mb\": %.1f",
            s.task, s.mode, s.base, s.batch, s.seq, s.prompt, s.response, s.threads, s.steps, med, n_tokens / med,
            peak_rss_mb());
+    if (!strcmp(s.task, "rl")) /* medians of each phase over the timed steps */
+        printf(", \"generate_s\": %.4f, \"score_s\": %.4f, \"train_s\": %.4f", ph.generate, ph.score, ph.train);
+    printf("}\n");
     free(times);
     perl_model_free(m);
     return 0;

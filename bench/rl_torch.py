@@ -104,13 +104,17 @@ def main():
         return lp.gather(-1, seq[:, P:, None])[..., 0]
 
     baseline = [0.0]
+    phases = {"generate_s": [], "score_s": [], "train_s": []}  # as perl_comparison splits the step
 
     def step(i):
+        t0 = time.perf_counter()
         with torch.no_grad():
             resp, _old = generate(torch.Generator().manual_seed(100 + i))
+            t1 = time.perf_counter()
             seq = torch.cat([prompts, resp], 1)
             _, hidden = tc.forward(cfg, rw, seq, adapter=radapter, want_logits=False)
             rewards = F.linear(hidden[:, -1], head)[:, 0]
+            t2 = time.perf_counter()
             ref_lp = response_logprobs(base, None, seq, False)  # LoRA: adapter off; full: reference copy
         opt.zero_grad(set_to_none=True)
         lp = response_logprobs(pw, padapter, seq, True)
@@ -123,10 +127,15 @@ def main():
         torch.nn.utils.clip_grad_norm_(pparams, 1.0)
         opt.step()
         baseline[0] = 0.9 * baseline[0] + 0.1 * float(rewards.mean())
+        t3 = time.perf_counter()
+        for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):  # train = reference + policy step
+            phases[k].append(v)
 
     load0 = tc.loadavg1()
     for i in range(a.warmup):
         step(i)
+    for v in phases.values():
+        v.clear()
     times, cpus = [], []
     for i in range(a.steps):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -140,6 +149,7 @@ def main():
            "tokens_per_s": round(B * T / med, 1), "peak_rss_mb": round(tc.peak_rss_mb(), 1),
            "trainable_params": sum(p.numel() for p in pparams), "loadavg_start": load0,
            "loadavg_end": tc.loadavg1()}
+    rec.update({k: round(tc.median(v), 4) for k, v in phases.items()})
     rec.update(tc.thread_env())
     print(json.dumps(rec), flush=True)
 
