@@ -18,7 +18,8 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
-#include <dlfcn.h>
+#include "dl_blas.h"
+
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -26,27 +27,12 @@
 #include <string.h>
 #include <time.h>
 
-enum { CblasRowMajor = 101 };
-enum { CblasNoTrans = 111, CblasTrans = 112 };
-typedef void (*sgemm_fn)(int order, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
-                         int lda, const float *B, int ldb, float beta, float *C, int ldc);
-typedef void (*set_threads_fn)(int n);
 /* oneDNN's C API (dnnl.h), row-major like cblas: dnnl_dim_t is int64_t and
  * dnnl_bfloat16_t a uint16_t; the status is 0 (dnnl_success) on success. */
 typedef int (*gemm_bf16_fn)(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha,
                             const uint16_t *A, int64_t lda, const uint16_t *B, int64_t ldb, float beta, float *C,
                             int64_t ldc);
 typedef int (*get_isa_fn)(void);
-
-static void load_symbol(void *lib, const char *name, void *fn_ptr, size_t size)
-{
-    void *sym = dlsym(lib, name);
-    if (!sym) {
-        fprintf(stderr, "bf16_gemm: %s not found: %s\n", name, dlerror());
-        exit(1);
-    }
-    memcpy(fn_ptr, &sym, size);
-}
 
 static double now(void)
 {
@@ -112,10 +98,10 @@ int main(int argc, char **argv)
     set_threads_fn set_threads;
     gemm_bf16_fn gemm_bf16;
     get_isa_fn get_isa;
-    load_symbol(blas, "cblas_sgemm", &sgemm, sizeof sgemm);
-    load_symbol(blas, "openblas_set_num_threads", &set_threads, sizeof set_threads);
-    load_symbol(dnnl, "dnnl_gemm_bf16bf16f32", &gemm_bf16, sizeof gemm_bf16);
-    load_symbol(dnnl, "dnnl_get_effective_cpu_isa", &get_isa, sizeof get_isa);
+    load_symbol("bf16_gemm", blas, "cblas_sgemm", &sgemm, sizeof sgemm);
+    load_symbol("bf16_gemm", blas, "openblas_set_num_threads", &set_threads, sizeof set_threads);
+    load_symbol("bf16_gemm", dnnl, "dnnl_gemm_bf16bf16f32", &gemm_bf16, sizeof gemm_bf16);
+    load_symbol("bf16_gemm", dnnl, "dnnl_get_effective_cpu_isa", &get_isa, sizeof get_isa);
     set_threads(1);
 
     /* y[N, out] = x[N, in] W^T for the dim-768 model's projections. */

@@ -34,30 +34,16 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
-#include <dlfcn.h>
+#include "dl_blas.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 
-enum { CblasRowMajor = 101 };
-enum { CblasNoTrans = 111, CblasTrans = 112 };
-typedef void (*sgemm_fn)(int order, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
-                         int lda, const float *B, int ldb, float beta, float *C, int ldc);
-typedef void (*set_threads_fn)(int n);
 typedef char *(*get_config_fn)(void);
 static sgemm_fn cblas_sgemm;
-
-/* dlsym's object pointer to a function pointer without a pedantic cast. */
-static void load_symbol(void *lib, const char *name, void *fn_ptr, size_t size) {
-    void *sym = dlsym(lib, name);
-    if (!sym) {
-        fprintf(stderr, "sgemm_roofline: %s not found: %s\n", name, dlerror());
-        exit(1);
-    }
-    memcpy(fn_ptr, &sym, size);
-}
 
 static double now_s(void) {
     struct timespec ts;
@@ -211,9 +197,9 @@ int main(int argc, char **argv) {
     }
     set_threads_fn set_threads;
     get_config_fn get_config;
-    load_symbol(lib, "cblas_sgemm", &cblas_sgemm, sizeof cblas_sgemm);
-    load_symbol(lib, "openblas_set_num_threads", &set_threads, sizeof set_threads);
-    load_symbol(lib, "openblas_get_config", &get_config, sizeof get_config);
+    load_symbol("sgemm_roofline", lib, "cblas_sgemm", &cblas_sgemm, sizeof cblas_sgemm);
+    load_symbol("sgemm_roofline", lib, "openblas_set_num_threads", &set_threads, sizeof set_threads);
+    load_symbol("sgemm_roofline", lib, "openblas_get_config", &get_config, sizeof get_config);
     set_threads(threads);
     const char *blas_config = get_config();
 
