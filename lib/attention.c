@@ -203,10 +203,13 @@ typedef struct attn_scratch {
     float *kt, *vt, *s, *p, *sink;
 } attn_scratch;
 
-static float *scratch_alloc(attn_scratch *w, int D, int L) {
-    size_t l = (size_t)L, d = (size_t)D;
+static float *task_scratch(attn_ctx *c, attn_scratch *w) {
+    size_t l = (size_t)c->max_len, d = (size_t)c->head_dim;
     float *mem = perl_mem_alloc((2 * d * l + 2 * QB * l + QB * d) * sizeof(float));
-    if (!mem) return NULL;
+    if (!mem) {
+        atomic_store(&c->out_of_memory, 1); /* the whole call fails */
+        return NULL;
+    }
     w->kt = mem, w->vt = w->kt + d * l, w->s = w->vt + d * l, w->p = w->s + QB * l, w->sink = w->p + QB * l;
     return mem;
 }
@@ -222,11 +225,8 @@ static void attention_forward_tasks(void *p, int64_t begin, int64_t end) {
     size_t qs = (size_t)H * D, ks = (size_t)KV * D, L = (size_t)c->max_len;
     float scale = 1.0f / sqrtf((float)D);
     attn_scratch w;
-    float *mem = scratch_alloc(&w, D, c->max_len);
-    if (!mem) {
-        atomic_store(&c->out_of_memory, 1);
-        return;
-    }
+    float *mem = task_scratch(c, &w);
+    if (!mem) return;
     for (int64_t task = begin; task < end; task++) {
         int row = (int)(task / KV), g = (int)(task % KV);
         int s0 = c->row_start[row], T = c->row_start[row + 1] - s0;
@@ -295,11 +295,8 @@ static void attention_backward_tasks(void *p, int64_t begin, int64_t end) {
     size_t qs = (size_t)H * D, ks = (size_t)KV * D, L = (size_t)c->max_len;
     float scale = 1.0f / sqrtf((float)D);
     attn_scratch w;
-    float *mem = scratch_alloc(&w, D, c->max_len);
-    if (!mem) {
-        atomic_store(&c->out_of_memory, 1);
-        return;
-    }
+    float *mem = task_scratch(c, &w);
+    if (!mem) return;
     for (int64_t task = begin; task < end; task++) {
         int row = (int)(task / KV), g = (int)(task % KV);
         int s0 = c->row_start[row], T = c->row_start[row + 1] - s0;
