@@ -16,7 +16,7 @@
  *
  * The layer math is engine.c's, term for term: RMSNorm, q/k/v (+ bias) plus
  * LoRA (y += scale * (x A^T) B^T, no dropout), RoPE, grouped-query attention
- * summed in the same order as attention.c, o, SwiGLU MLP; FULL-mode adapters
+ * (one query at a time over the cache), o, SwiGLU MLP; FULL-mode adapters
  * run on their own weights (lora_weights()).
  */
 #include "blas.h"
@@ -167,7 +167,10 @@ typedef struct attn_job {
     int layer, N;
 } attn_job;
 
-/* Same arithmetic, in the same order, as attention.c. */
+/* The same formula as attention.c (scaled dot products, perl_expf, one
+ * division per head), though not bitwise: attention.c takes queries in
+ * blocks with fused multiply-adds.  Greedy decoding still picks the tokens
+ * that full recomputation picks (tests/test_generate.c). */
 static float dot(const float *a, const float *b, int n) {
     float s = 0.0f;
     for (int i = 0; i < n; i++) s += a[i] * b[i];
