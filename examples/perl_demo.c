@@ -32,9 +32,10 @@
  * host's.  Only <libperl/libperl.h> is used.
  *
  * Outputs (under --out, default build/demo): base_model/ (HF layout),
- * reward_adapter/ and policy_adapter/ (PEFT layout), metrics.csv (one row per
- * RL step) and rl_curves.png (gnuplot).  The exit status is 0 only when every
- * stage improved on its starting point.
+ * reward_adapter/ and policy_adapter/ (PEFT layout; with --full, whole models
+ * in HF layout), metrics.csv (one row per RL step) and rl_curves.png
+ * (gnuplot).  The exit status is 0 only when every stage improved on its
+ * starting point.
  */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime, isatty, fileno, posix_spawnp, mkdir */
 
@@ -47,6 +48,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -63,7 +65,10 @@ typedef struct demo_options {
     int quick;            /* a few steps per stage (tests) */
     uint64_t seed;        /* everything random derives from it */
     int threads;          /* 0: all cores */
+    int full;             /* reward model and policy: full fine-tuning instead of LoRA */
     const char *out_dir;  /* where files go */
+    const char *base_dir; /* load this base instead of pretraining one (NULL: pretrain) */
+    const char *json_path; /* the results as one JSON object (NULL: none) */
 } demo_options;
 
 /* How much work each stage does.  The defaults take about three minutes on
@@ -73,9 +78,9 @@ typedef struct demo_plan {
     int pretrain_steps, pretrain_batch;
     float pretrain_lr;
     int reward_steps, reward_batch, reward_eval_pairs;
-    float reward_lr;
+    float reward_lr, reward_lr_full;
     int rl_steps, rl_prompts, rl_group; /* a step samples rl_prompts * rl_group replies */
-    float rl_lr, rl_kl_coef;
+    float rl_lr, rl_lr_full, rl_kl_coef;
     int eval_replies; /* replies sampled to count rule-following before/after RL */
 } demo_plan;
 
@@ -93,10 +98,12 @@ static demo_plan plan_for(int quick)
     p.reward_batch = 16;
     p.reward_eval_pairs = quick ? 64 : 256;
     p.reward_lr = 2e-3f;
+    p.reward_lr_full = 2e-4f; /* full fine-tuning moves every weight: a tenth of LoRA's rate */
     p.rl_steps = quick ? 40 : 120; /* fewer makes the quick check a coin toss */
     p.rl_prompts = 8;
     p.rl_group = 4;
     p.rl_lr = 2e-3f;
+    p.rl_lr_full = 2e-4f;
     p.rl_kl_coef = 0.2f;
     p.eval_replies = quick ? 64 : 128;
     return p;
@@ -111,6 +118,27 @@ static double now_seconds(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* The median of n step times (sorts them). */
+static int compare_doubles(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median_seconds(double *t, int n)
+{
+    if (n <= 0) return 0;
+    qsort(t, (size_t)n, sizeof *t, compare_doubles);
+    return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
+}
+
+/* The process's peak resident set so far, in MB (Linux reports KiB). */
+static double peak_rss_mb(void)
+{
+    struct rusage ru;
+    return getrusage(RUSAGE_SELF, &ru) == 0 ? (double)ru.ru_maxrss / 1024.0 : 0.0;
 }
 
 /* splitmix64: a tiny, good-enough generator for the data grammar. */
@@ -495,6 +523,10 @@ typedef struct demo_results {
     float broken_before[N_RULES], broken_after[N_RULES]; /* held-out prompts: fraction breaking each rule */
     double rl_seconds;
     int plot_written;
+    int pretrain_skipped;                        /* the base came from --base */
+    size_t reward_params, policy_params;         /* trainable parameters */
+    double reward_step_seconds, rl_step_seconds; /* medians over the stage's steps */
+    double reward_peak_rss_mb, rl_peak_rss_mb;   /* process high-water mark at the end of the stage */
 } demo_results;
 
 /* ========================================================================= */
@@ -671,17 +703,23 @@ static int reward_accuracy(perl_reward *rm, const pair_set *p, float *out, float
     return rc;
 }
 
-/* The LoRA shape of the reward model and of the policy: rank 16 on all seven
- * projections of every layer (the base is tiny, so this is still ~40k
- * parameters). */
-static void lora_adapter_options(perl_lora_options *lo, uint64_t seed)
+/* The adapter of the reward model and of the policy: LoRA rank 16 on all
+ * seven projections of every layer (the base is tiny, so this is still ~40k
+ * parameters), or with --full a private trainable copy of every layer weight
+ * (the embeddings stay frozen, as in the paper's full fine-tuning baseline). */
+static void adapter_options(perl_lora_options *lo, uint64_t seed, int full)
 {
     perl_lora_options_init(lo);
-    lo->mode = LIBPERL_MODE_LORA;
+    lo->mode = full ? LIBPERL_MODE_FULL : LIBPERL_MODE_LORA;
     lo->rank = 16;
     lo->alpha = 32;
     lo->target_modules = LIBPERL_TARGET_ALL;
     lo->seed = seed;
+}
+
+static const char *adapter_kind(const demo_options *opt)
+{
+    return opt->full ? "FULL fine-tuning" : "LoRA";
 }
 
 /* Creates *out_lora and *out_rm on the frozen base and trains them. */
@@ -689,11 +727,11 @@ static int stage_reward(const demo_plan *plan, const demo_options *opt, perl_mod
                         perl_reward **out_rm, demo_results *res)
 {
     perl_lora_options lo;
-    lora_adapter_options(&lo, opt->seed + 1);
+    adapter_options(&lo, opt->seed + 1, opt->full);
     TRY(perl_lora_create(out_lora, base, &lo));
     perl_optim_options oo;
     perl_optim_options_init(&oo);
-    oo.lr = plan->reward_lr;
+    oo.lr = opt->full ? plan->reward_lr_full : plan->reward_lr;
     oo.schedule = LIBPERL_LR_COSINE;
     oo.warmup_steps = plan->reward_steps / 20;
     oo.total_steps = plan->reward_steps;
@@ -704,9 +742,15 @@ static int stage_reward(const demo_plan *plan, const demo_options *opt, perl_mod
     ro.center_coef = 0.01f; /* keeps scores near zero, so rewards read easily */
     ro.seed = opt->seed + 2;
     TRY(perl_reward_create(out_rm, base, *out_lora, &ro));
-    fprintf(stderr, "\n[2/3] reward model: LoRA r=%d on the frozen base + a scalar head (%zu trainable "
-                    "parameters), pairwise Bradley-Terry\n",
-            lo.rank, perl_lora_num_params(*out_lora));
+    res->reward_params = perl_lora_num_params(*out_lora);
+    if (opt->full)
+        fprintf(stderr, "\n[2/3] reward model: FULL fine-tuning of a copy of the base + a scalar head (%zu trainable "
+                        "parameters), pairwise Bradley-Terry\n",
+                res->reward_params);
+    else
+        fprintf(stderr, "\n[2/3] reward model: LoRA r=%d on the frozen base + a scalar head (%zu trainable "
+                        "parameters), pairwise Bradley-Terry\n",
+                lo.rank, res->reward_params);
 
     /* Held-out pairs come from their own stream, so they are never trained
      * on, and test the four rules equally often. */
@@ -721,7 +765,10 @@ static int stage_reward(const demo_plan *plan, const demo_options *opt, perl_mod
     progress bar;
     progress_start(&bar, "reward", plan->reward_steps);
     float smoothed_acc = 0.5f, smoothed_loss = 0.693f;
+    double *step_seconds = xcalloc((size_t)plan->reward_steps, sizeof(double));
+    int steps_done = 0;
     for (int step = 0; rc == LIBPERL_OK && step < plan->reward_steps; step++) {
+        double step_start = now_seconds();
         make_pairs(&train, plan->reward_batch, 1, &train_rng);
         perl_batch chosen = rows_batch(&train.chosen), rejected = rows_batch(&train.rejected);
         perl_reward_stats st;
@@ -729,6 +776,7 @@ static int stage_reward(const demo_plan *plan, const demo_options *opt, perl_mod
         rc = check(perl_reward_step_pairwise(*out_rm, &chosen, &rejected, NULL, NULL, NULL, &st),
                    "perl_reward_step_pairwise");
         if (rc != LIBPERL_OK) break;
+        step_seconds[steps_done++] = now_seconds() - step_start;
         smoothed_acc = 0.9f * smoothed_acc + 0.1f * st.accuracy;
         smoothed_loss = 0.9f * smoothed_loss + 0.1f * st.loss;
         char metrics[96];
@@ -738,6 +786,9 @@ static int stage_reward(const demo_plan *plan, const demo_options *opt, perl_mod
     }
     if (rc == LIBPERL_OK) rc = reward_accuracy(*out_rm, &eval, &res->reward_acc_end, per_rule);
     res->reward_seconds = now_seconds() - bar.start;
+    res->reward_step_seconds = median_seconds(step_seconds, steps_done);
+    res->reward_peak_rss_mb = peak_rss_mb();
+    free(step_seconds);
     if (rc == LIBPERL_OK) {
         fprintf(stderr, "  held-out accuracy %.1f%% -> %.1f%% on %d pairs (chance 50%%) in %.1f s; by broken rule:",
                 100 * res->reward_acc_start, 100 * res->reward_acc_end, plan->reward_eval_pairs, res->reward_seconds);
@@ -913,11 +964,11 @@ static int stage_rl(const demo_plan *plan, const demo_options *opt, perl_model *
                     perl_lora **out_policy, const char *csv_path, demo_results *res)
 {
     perl_lora_options lo;
-    lora_adapter_options(&lo, opt->seed + 3);
+    adapter_options(&lo, opt->seed + 3, opt->full);
     TRY(perl_lora_create(out_policy, base, &lo));
     perl_optim_options oo;
     perl_optim_options_init(&oo);
-    oo.lr = plan->rl_lr;
+    oo.lr = opt->full ? plan->rl_lr_full : plan->rl_lr;
     TRY(perl_lora_set_optimizer(*out_policy, &oo));
 
     /* RLOO: group_size replies per prompt, each judged against the mean of the
@@ -931,9 +982,10 @@ static int stage_rl(const demo_plan *plan, const demo_options *opt, perl_model *
     po.kl_mode = LIBPERL_KL_IN_REWARD;
     perl_policy_trainer *trainer = NULL;
     TRY(perl_policy_create(&trainer, base, *out_policy, NULL, &po));
-    fprintf(stderr, "\n[3/3] RL: LoRA policy (%zu trainable parameters), RLOO with %d replies per prompt, "
+    res->policy_params = perl_lora_num_params(*out_policy);
+    fprintf(stderr, "\n[3/3] RL: %s policy (%zu trainable parameters), RLOO with %d replies per prompt, "
                     "%d prompts per step, KL coefficient %.2g toward the frozen base\n",
-            perl_lora_num_params(*out_policy), plan->rl_group, plan->rl_prompts, plan->rl_kl_coef);
+            adapter_kind(opt), res->policy_params, plan->rl_group, plan->rl_prompts, plan->rl_kl_coef);
 
     FILE *csv = fopen(csv_path, "w");
     if (csv == NULL || write_csv_header(csv) != 0) {
@@ -950,8 +1002,11 @@ static int stage_rl(const demo_plan *plan, const demo_options *opt, perl_model *
     progress_start(&bar, "rl", plan->rl_steps);
     int window = plan->rl_steps / 10 > 0 ? plan->rl_steps / 10 : 1; /* start/end = mean of the first/last tenth */
     double first_sum = 0, last_sum = 0;
+    double *step_seconds = xcalloc((size_t)plan->rl_steps, sizeof(double));
+    int steps_done = 0;
     int rc = LIBPERL_OK;
     for (int step = 0; step < plan->rl_steps; step++) {
+        double step_start = now_seconds();
         /* 1. sample replies from the current policy and score them */
         rollout_set_prompts(&r, plan->rl_group, &rng);
         rc = rollout_sample(&r, base, *out_policy, rm, opt->seed * 1000003ull + (uint64_t)step);
@@ -964,6 +1019,7 @@ static int stage_rl(const demo_plan *plan, const demo_options *opt, perl_model *
                                     r.logprobs, &st),
                    "perl_policy_step");
         if (rc != LIBPERL_OK) break;
+        step_seconds[steps_done++] = now_seconds() - step_start;
         /* 3. metrics */
         float rules = rollout_rule_rate(&r);
         fprintf(csv, "%d,%.5f,%.5f,%.5f,%.5f,%.5f,%.2f,%.5f,%.5f,%.6g,%.4f,%.2f\n", step + 1, st.mean_reward,
@@ -982,6 +1038,9 @@ static int stage_rl(const demo_plan *plan, const demo_options *opt, perl_model *
     res->rl_reward_start = (float)(first_sum / window);
     res->rl_reward_end = (float)(last_sum / window);
     res->rl_seconds = now_seconds() - bar.start;
+    res->rl_step_seconds = median_seconds(step_seconds, steps_done);
+    res->rl_peak_rss_mb = peak_rss_mb();
+    free(step_seconds);
     if (fclose(csv) != 0 && rc == LIBPERL_OK) {
         fprintf(stderr, "perl_demo: cannot write %s: %s\n", csv_path, strerror(errno));
         rc = LIBPERL_ERR_IO;
@@ -1077,11 +1136,15 @@ static int plot_curves(const char *csv_path, const char *gp_path, const char *pn
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: perl_demo [--quick] [--seed N] [--threads N] [--out DIR]\n"
+    fprintf(f, "usage: perl_demo [--quick] [--seed N] [--threads N] [--out DIR] [--base DIR] [--full] [--json FILE]\n"
                "  --quick      a few steps per stage (about 30 s; for tests)\n"
                "  --seed N     seed for data, weights and sampling (default 1)\n"
                "  --threads N  threads for libperl and the BLAS (default: all cores)\n"
-               "  --out DIR    output directory (default build/demo)\n");
+               "  --out DIR    output directory (default build/demo)\n"
+               "  --base DIR   skip pretraining: load this base (e.g. build/demo/base_model)\n"
+               "  --full       reward model and policy by full fine-tuning instead of LoRA\n"
+               "               (the PERL comparison, docs/perl-comparison.md)\n"
+               "  --json FILE  also write the results (quality, seconds per step, peak RSS) as JSON\n");
 }
 
 static int parse_args(int argc, char **argv, demo_options *o)
@@ -1089,7 +1152,10 @@ static int parse_args(int argc, char **argv, demo_options *o)
     o->quick = 0;
     o->seed = 1;
     o->threads = 0;
+    o->full = 0;
     o->out_dir = "build/demo";
+    o->base_dir = NULL;
+    o->json_path = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
         char *end = NULL;
@@ -1104,6 +1170,12 @@ static int parse_args(int argc, char **argv, demo_options *o)
             o->threads = (int)strtol(value, &end, 10), i++;
         } else if (strcmp(a, "--out") == 0 && value && value[0]) {
             o->out_dir = value, i++;
+        } else if (strcmp(a, "--base") == 0 && value && value[0]) {
+            o->base_dir = value, i++;
+        } else if (strcmp(a, "--json") == 0 && value && value[0]) {
+            o->json_path = value, i++;
+        } else if (strcmp(a, "--full") == 0) {
+            o->full = 1;
         } else {
             fprintf(stderr, "perl_demo: unknown or incomplete option '%s'\n", a);
             usage(stderr);
@@ -1117,12 +1189,40 @@ static int parse_args(int argc, char **argv, demo_options *o)
     return 0;
 }
 
+/* The results as one JSON object, for bench/demo_comparison.sh. */
+static int write_json(const char *path, const demo_options *o, const demo_results *r)
+{
+    FILE *f = fopen(path, "w");
+    if (f == NULL) {
+        fprintf(stderr, "perl_demo: cannot write %s: %s\n", path, strerror(errno));
+        return LIBPERL_ERR_IO;
+    }
+    fprintf(f,
+            "{\"bench\": \"perl_demo\", \"mode\": \"%s\", \"precision\": \"fp32\", \"seed\": %llu, "
+            "\"threads\": %d, \"quick\": %d,\n"
+            " \"reward_params\": %zu, \"reward_acc_start\": %.4f, \"reward_acc_end\": %.4f, "
+            "\"reward_step_s\": %.5f, \"reward_stage_s\": %.2f, \"reward_peak_rss_mb\": %.1f,\n"
+            " \"policy_params\": %zu, \"rl_reward_start\": %.4f, \"rl_reward_end\": %.4f, \"rl_kl_end\": %.4f, "
+            "\"heldout_reward_before\": %.4f, \"heldout_reward_after\": %.4f, \"rules_before\": %.4f, "
+            "\"rules_after\": %.4f, \"rl_step_s\": %.5f, \"rl_stage_s\": %.2f, \"rl_peak_rss_mb\": %.1f}\n",
+            o->full ? "full" : "lora", (unsigned long long)o->seed, perl_get_num_threads(), o->quick,
+            r->reward_params, r->reward_acc_start, r->reward_acc_end, r->reward_step_seconds, r->reward_seconds,
+            r->reward_peak_rss_mb, r->policy_params, r->rl_reward_start, r->rl_reward_end, r->rl_kl_end,
+            r->reward_before, r->reward_after, r->rules_before, r->rules_after, r->rl_step_seconds, r->rl_seconds,
+            r->rl_peak_rss_mb);
+    if (fclose(f) != 0) {
+        fprintf(stderr, "perl_demo: cannot write %s: %s\n", path, strerror(errno));
+        return LIBPERL_ERR_IO;
+    }
+    return LIBPERL_OK;
+}
+
 /* Did each stage improve on its starting point?  Prints the summary table.
  * The reward model starts as a random function of the text (chance is 50%),
  * so it must end clearly above chance; RL is judged on held-out prompts. */
 static int summarize(const demo_results *r, double total_seconds)
 {
-    int pretrain_ok = r->pretrain_loss_end < 0.8f * r->pretrain_loss_start;
+    int pretrain_ok = r->pretrain_skipped || r->pretrain_loss_end < 0.8f * r->pretrain_loss_start;
     int reward_ok = r->reward_acc_end >= 0.6f && r->reward_acc_end > r->reward_acc_start;
     int rl_ok = r->reward_after > r->reward_before;
     printf("\nSummary\n"
@@ -1134,7 +1234,8 @@ static int summarize(const demo_results *r, double total_seconds)
            "  rl        KL to the frozen base (per reply)   %8.2f %8.2f\n"
            "  rl        entropy (per token)                 %8.2f %8.2f\n"
            "  rl        replies following all four rules    %7.0f%% %7.0f%%\n",
-           r->pretrain_loss_start, r->pretrain_loss_end, r->pretrain_seconds, pretrain_ok ? "improved" : "FAILED",
+           r->pretrain_loss_start, r->pretrain_loss_end, r->pretrain_seconds,
+           r->pretrain_skipped ? "loaded" : pretrain_ok ? "improved" : "FAILED",
            100 * r->reward_acc_start, 100 * r->reward_acc_end, r->reward_seconds, reward_ok ? "improved" : "FAILED",
            r->reward_before, r->reward_after, r->rl_seconds, rl_ok ? "improved" : "FAILED", r->rl_reward_start,
            r->rl_reward_end, 0.0, r->rl_kl_end, r->rl_entropy_start, r->rl_entropy_end, 100 * r->rules_before,
@@ -1178,7 +1279,7 @@ static int run_demo(const demo_options *o, const demo_plan *p)
            "A good reply confirms the size and the milk that were asked for, is polite and does not repeat "
            "itself.\n",
            perl_version(), perl_get_num_threads(), perl_get_num_threads() == 1 ? "" : "s",
-           (unsigned long long)opt.seed, opt.quick ? ", quick" : "");
+           (unsigned long long)opt.seed, opt.quick ? ", quick" : opt.full ? ", FULL fine-tuning" : "");
     fflush(stdout);
 
     demo_results res;
@@ -1186,8 +1287,15 @@ static int run_demo(const demo_options *o, const demo_plan *p)
     perl_model *base = NULL;
     perl_lora *reward_lora = NULL, *policy = NULL;
     perl_reward *rm = NULL;
-    int rc = stage_pretrain(&plan, &opt, &base, &res);
-    if (rc == LIBPERL_OK) rc = check(perl_model_save_hf(base, base_dir), "perl_model_save_hf");
+    int rc;
+    if (opt.base_dir != NULL) {
+        rc = check(perl_model_load(&base, opt.base_dir), "perl_model_load (--base)");
+        res.pretrain_skipped = 1;
+        if (rc == LIBPERL_OK) fprintf(stderr, "\n[1/3] pretrain: skipped, the base comes from %s\n", opt.base_dir);
+    } else {
+        rc = stage_pretrain(&plan, &opt, &base, &res);
+        if (rc == LIBPERL_OK) rc = check(perl_model_save_hf(base, base_dir), "perl_model_save_hf");
+    }
     if (rc == LIBPERL_OK) rc = stage_reward(&plan, &opt, base, &reward_lora, &rm, &res);
     if (rc == LIBPERL_OK) rc = check(perl_lora_save(reward_lora, reward_dir), "perl_lora_save (reward)");
     if (rc == LIBPERL_OK)
@@ -1201,14 +1309,19 @@ static int run_demo(const demo_options *o, const demo_plan *p)
     if (rc == LIBPERL_OK) res.plot_written = plot_curves(csv_path, gp_path, png_path);
 
     int improved = 0;
+    if (rc == LIBPERL_OK && opt.json_path != NULL) rc = write_json(opt.json_path, &opt, &res);
     if (rc == LIBPERL_OK) {
         improved = summarize(&res, now_seconds() - t0);
+        /* perl_lora_save writes LoRA adapters in PEFT layout and FULL ones as
+         * whole models (Hugging Face layout, plus score.safetensors for a head) */
+        const char *layout = opt.full ? "Hugging Face layout" : "PEFT layout";
         printf("\nFiles\n"
                "  %-40s the frozen base (Hugging Face layout)\n"
-               "  %-40s reward model: LoRA + score head (PEFT layout)\n"
-               "  %-40s RL policy (PEFT layout)\n"
+               "  %-40s reward model: %s + score head (%s)\n"
+               "  %-40s RL policy (%s)\n"
                "  %-40s one row per RL step\n",
-               base_dir, reward_dir, policy_dir, csv_path);
+               opt.base_dir ? opt.base_dir : base_dir, reward_dir, adapter_kind(&opt), layout, policy_dir, layout,
+               csv_path);
         if (res.plot_written) printf("  %-40s reward and KL over RL steps\n", png_path);
         if (!improved) printf("\nperl_demo: a stage did not improve on its starting point (see FAILED above)\n");
     }

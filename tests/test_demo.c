@@ -3,7 +3,10 @@
  * --quick mode with a fixed seed into a scratch directory and checks that it
  * exits 0 (every stage improved on its starting point) and wrote what it
  * promises: the metrics CSV, the adapters, and the PNG plot when gnuplot is
- * installed (otherwise the note that the plot was skipped).
+ * installed (otherwise the note that the plot was skipped).  A second run
+ * loads the first run's base (--base) and does the reward and RL stages by
+ * full fine-tuning (--full), as bench/demo_comparison.sh does, and must
+ * improve too and write its JSON results.
  *
  * The program is looked up as $LIBPERL_BUILD_DIR/examples/perl_demo, else
  * next to this runner (<build>/tests/run_tests -> <build>/examples/), else
@@ -28,7 +31,7 @@
  * margin (-0.85 -> -0.57 here).  The run is bitwise deterministic, so a
  * change of outcome means the numerics changed: re-check the full demo. */
 #define DEMO_SEED "3"
-#define DEMO_TIMEOUT_SECONDS 240 /* ~30-60 s on two idle cores; generous for loaded CI machines */
+#define DEMO_TIMEOUT_SECONDS 240 /* per run: ~30-60 s on two idle cores; generous for loaded CI machines */
 
 static int is_executable(const char *path)
 {
@@ -155,6 +158,28 @@ START_TEST(demo_quick_run_improves_every_stage)
         ck_assert_msg(strstr(log, "plot skipped") != NULL, "no plot and no 'plot skipped' note:\n%s", log_tail(log));
     }
     free(log);
+
+    /* the comparison run: the saved base, full fine-tuning, JSON results */
+    char base[4400], out_full[4200], json[4400];
+    test_path(base, sizeof base, out, "base_model");
+    test_path(out_full, sizeof out_full, dir, "out_full");
+    test_path(json, sizeof json, dir, "results.json");
+    char *argv_full[] = {demo, "--quick", "--seed", DEMO_SEED, "--threads", "2", "--base", base, "--full",
+                         "--out", out_full, "--json", json, NULL};
+    status = run_logged(argv_full, log_path);
+    log = test_read_file(log_path, NULL);
+    ck_assert_msg(status == 0, "perl_demo --quick --full --base exited with %d; its output ends:\n%s", status,
+                  log_tail(log));
+    ck_assert_msg(strstr(log, "pretrain: skipped") != NULL, "the base was not loaded:\n%s", log_tail(log));
+    char *results = test_read_file(json, NULL);
+    ck_assert_msg(results != NULL, "%s was not written", json);
+    ck_assert_msg(strstr(results, "\"mode\": \"full\"") != NULL && strstr(results, "\"rl_step_s\"") != NULL &&
+                      strstr(results, "\"reward_peak_rss_mb\"") != NULL,
+                  "unexpected results JSON: %s", results);
+    test_path(path, sizeof path, out_full, "policy_adapter/model.safetensors"); /* FULL: a whole model */
+    ck_assert_msg(size_of(path) > 0, "%s is missing or empty", path);
+    free(results);
+    free(log);
     test_remove_tree(dir);
 }
 END_TEST
@@ -163,7 +188,7 @@ Suite *suite_demo(void)
 {
     Suite *suite = suite_create("demo");
     TCase *tc = tcase_create("quick");
-    tcase_set_timeout(tc, DEMO_TIMEOUT_SECONDS + 10);
+    tcase_set_timeout(tc, 2 * DEMO_TIMEOUT_SECONDS + 10);
     tcase_add_test(tc, demo_quick_run_improves_every_stage);
     suite_add_tcase(suite, tc);
     return suite;
