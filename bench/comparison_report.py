@@ -30,7 +30,7 @@ def load(path):
         r = json.loads(line)
         key = (r.get("bench"), r.get("task"), r.get("mode"), r.get("base"), r.get("model"), r.get("batch"),
                r.get("seq"), r.get("prompt"), r.get("response"), r.get("threads"), r.get("new_tokens", r.get("new")),
-               r.get("impl"), r.get("openmp"), r.get("seed"))
+               r.get("impl"), r.get("openmp"), r.get("recompute"), r.get("seed"))
         recs.pop(key, None)
         recs[key] = r
     return list(recs.values())
@@ -41,9 +41,8 @@ def impl_of(r):
 
 
 def shape_of(r):
-    if r["task"] == "rm":
-        return f"{r['batch']} pairs x {r['seq']}"
-    return f"{r['batch']} x ({r['prompt']} + {r['response']})"
+    shape = f"{r['batch']} pairs x {r['seq']}" if r["task"] == "rm" else f"{r['batch']} x ({r['prompt']} + {r['response']})"
+    return shape + (", recompute" if r.get("recompute") else "")
 
 
 def f(v, digits=3):

@@ -13,7 +13,7 @@
  *
  *   perl_comparison --task rm|rl --mode lora|full [--base random768|random288|PATH]
  *                   [--batch B] [--seq T] [--prompt P] [--response R]
- *                   [--steps S] [--warmup W] [--threads N]
+ *                   [--steps S] [--warmup W] [--threads N] [--recompute 0|1]
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -30,6 +30,7 @@
 typedef struct settings {
     const char *task, *mode, *base;
     int batch, seq, prompt, response, steps, warmup, threads;
+    int recompute; /* perl_lora_set_recompute on the trained adapters: activations per layer, recomputed */
 } settings;
 
 static void die(const char *what, int status) {
@@ -58,7 +59,7 @@ static perl_model *load_base(const char *base) {
     return m;
 }
 
-static perl_lora *make_adapter(perl_model *m, const char *mode, uint64_t seed) {
+static perl_lora *make_adapter(perl_model *m, const char *mode, uint64_t seed, int recompute) {
     perl_lora_options o;
     perl_lora_options_init(&o);
     o.seed = seed;
@@ -69,6 +70,7 @@ static perl_lora *make_adapter(perl_model *m, const char *mode, uint64_t seed) {
     perl_optim_options_init(&opt);
     opt.lr = 1e-5f;
     TRY("set optimizer", perl_lora_set_optimizer(lora, &opt));
+    TRY("set recompute", perl_lora_set_recompute(lora, recompute));
     return lora;
 }
 
@@ -86,7 +88,7 @@ static double rm_step(perl_reward *rm, perl_batch *chosen, perl_batch *rejected)
 }
 
 static void run_rm(const settings *s, perl_model *m, double *times, int *n_tokens) {
-    perl_lora *lora = make_adapter(m, s->mode, 7);
+    perl_lora *lora = make_adapter(m, s->mode, 7, s->recompute);
     perl_reward_options ro;
     perl_reward_options_init(&ro);
     perl_reward *rm;
@@ -166,8 +168,8 @@ static double rl_step(const settings *s, rl_state *st, uint64_t seed, rl_phases 
 
 static void run_rl(const settings *s, perl_model *m, double *times, int *n_tokens, rl_phases *median_phases) {
     rl_state st = {.m = m};
-    st.policy = make_adapter(m, s->mode, 11);
-    st.rm_lora = make_adapter(m, s->mode, 12);
+    st.policy = make_adapter(m, s->mode, 11, s->recompute);
+    st.rm_lora = make_adapter(m, s->mode, 12, s->recompute);
     perl_reward_options ro;
     perl_reward_options_init(&ro);
     TRY("create reward model", perl_reward_create(&st.rm, m, st.rm_lora, &ro));
@@ -204,7 +206,7 @@ static void run_rl(const settings *s, perl_model *m, double *times, int *n_token
 }
 
 static int parse(settings *s, int argc, char **argv) {
-    *s = (settings){"rm", "lora", "random768", 4, 256, 64, 64, 5, 1, 1};
+    *s = (settings){"rm", "lora", "random768", 4, 256, 64, 64, 5, 1, 1, 0};
     for (int i = 1; i + 1 < argc; i += 2) {
         const char *k = argv[i], *v = argv[i + 1];
         if (!strcmp(k, "--task")) s->task = v;
@@ -217,6 +219,7 @@ static int parse(settings *s, int argc, char **argv) {
         else if (!strcmp(k, "--steps")) s->steps = atoi(v);
         else if (!strcmp(k, "--warmup")) s->warmup = atoi(v);
         else if (!strcmp(k, "--threads")) s->threads = atoi(v);
+        else if (!strcmp(k, "--recompute")) s->recompute = atoi(v);
         else return -1;
     }
     if (argc % 2 == 0 || s->steps < 1 || s->steps > 1000 || s->batch < 1) return -1;
@@ -230,7 +233,7 @@ int main(int argc, char **argv) {
     if (parse(&s, argc, argv) != 0) {
         fprintf(stderr, "usage: perl_comparison --task rm|rl --mode lora|full [--base random768|random288|PATH]\n"
                         "       [--batch B] [--seq T] [--prompt P] [--response R] [--steps S] [--warmup W]"
-                        " [--threads N]\n");
+                        " [--threads N] [--recompute 0|1]\n");
         return 2;
     }
     TRY("set threads", perl_set_num_threads(s.threads));
@@ -243,8 +246,10 @@ int main(int argc, char **argv) {
     double med = median(times, s.steps);
     printf("{\"bench\": \"perl_comparison\", \"task\": \"%s\", \"mode\": \"%s\", \"base\": \"%s\", "
            "\"batch\": %d, \"seq\": %d, \"prompt\": %d, \"response\": %d, \"threads\": %d, \"steps\": %d, "
+           "\"recompute\": %d, "
            "\"precision\": \"fp32\", \"median_s\": %.4f, \"tokens_per_s\": %.1f, \"peak_rss_mb\": %.1f",
-           s.task, s.mode, s.base, s.batch, s.seq, s.prompt, s.response, s.threads, s.steps, med, n_tokens / med,
+           s.task, s.mode, s.base, s.batch, s.seq, s.prompt, s.response, s.threads, s.steps, s.recompute, med,
+           n_tokens / med,
            peak_rss_mb());
     if (!strcmp(s.task, "rl")) /* medians of each phase over the timed steps */
         printf(", \"generate_s\": %.4f, \"score_s\": %.4f, \"train_s\": %.4f", ph.generate, ph.score, ph.train);
