@@ -212,6 +212,9 @@ $(BUILD)/examples/%: examples/%.c $(EXAMPLE_COMMON_SRCS) $(EXAMPLE_COMMON_HDRS) 
 	    $(LDFLAGS) $(PROG_LDLIBS)
 $(BUILD)/bench/%: bench/%.c $(SHARED_LINKS) $(BUILD)/lib-flags.stamp | $(BUILD)/bench
 	$(CC) $(PROG_CFLAGS) -MMD -MP -MF $@.d -MT $@ -o $@ $< $(LDFLAGS) $(PROG_LDLIBS)
+# Times internal kernels, which the shared library does not export: static link.
+$(BUILD)/bench/attention_kernels: bench/attention_kernels.c $(STATIC) $(BUILD)/lib-flags.stamp | $(BUILD)/bench
+	$(CC) $(LIB_CFLAGS) -MMD -MP -MF $@.d -MT $@ -o $@ $< $(STATIC) $(LDFLAGS) $(LIB_LDLIBS)
 
 # Benchmarks are slow: `make bench` builds and runs each one; `make check` only builds them.
 bench:
