@@ -17,7 +17,10 @@
 # PERL_SHARED_DIR (default ../shared), RM_BATCH (pairs, 2), RM_SEQ (64), RL_BATCH (4),
 # RL_PROMPT (32), RL_RESPONSE (16),
 # BASES (rm/rl bases, default "random768 random288"; the demo's saved base
-# build/demo/base_model is added to rm and rl when it exists).
+# build/demo/base_model is added to rm and rl when it exists), RECOMPUTE (1: libperl
+# recomputes activations per layer, --recompute 1; the PyTorch scripts have no such
+# option, so they are skipped), DEMO_SEQ / DEMO_PROMPT / DEMO_RESPONSE (the demo
+# base's shapes: its context is 160 tokens; default 128 / 64 / 64).
 set -eu
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
@@ -33,6 +36,10 @@ RL_BATCH=${RL_BATCH:-4}
 RL_PROMPT=${RL_PROMPT:-32}
 RL_RESPONSE=${RL_RESPONSE:-16}
 BASES=${BASES:-"random768 random288"}
+RECOMPUTE=${RECOMPUTE:-0}
+DEMO_SEQ=${DEMO_SEQ:-128}
+DEMO_PROMPT=${DEMO_PROMPT:-64}
+DEMO_RESPONSE=${DEMO_RESPONSE:-64}
 DEMO_BASE=build/demo/base_model
 export OMP_WAIT_POLICY=passive
 export PERL_SHARED_DIR=${PERL_SHARED_DIR:-../shared}
@@ -70,32 +77,37 @@ EOF
 }
 
 PC="$BUILD/bench/perl_comparison"
+# the PyTorch side of a step, unless libperl recomputes (PyTorch has no matching option here)
+torch_run() {
+    [ "$RECOMPUTE" = 0 ] || return 0
+    run "$@"
+}
 for section in $SECTIONS; do
     case $section in
     rm)
         # LoRA and full alternate so each ratio comes from one run window
         for base in $BASES; do
             for mode in lora full; do
-                run "$PC" --task rm --mode $mode --base $base --batch "$RM_BATCH" --seq "$RM_SEQ" --steps "$STEPS" --warmup 1 --threads "$THREADS"
-                run "$PY" bench/rm_torch.py --mode $mode --base $base --batch "$RM_BATCH" --seq "$RM_SEQ" --steps "$STEPS" --warmup 1 --threads "$THREADS"
+                run "$PC" --task rm --mode $mode --base $base --batch "$RM_BATCH" --seq "$RM_SEQ" --steps "$STEPS" --warmup 1 --threads "$THREADS" --recompute "$RECOMPUTE"
+                torch_run "$PY" bench/rm_torch.py --mode $mode --base $base --batch "$RM_BATCH" --seq "$RM_SEQ" --steps "$STEPS" --warmup 1 --threads "$THREADS"
             done
         done
         if [ -d "$DEMO_BASE" ]; then
             for mode in lora full; do
-                run "$PC" --task rm --mode $mode --base "$DEMO_BASE" --batch "$RM_BATCH" --seq "$RM_SEQ" --steps "$STEPS" --warmup 1 --threads "$THREADS"
+                run "$PC" --task rm --mode $mode --base "$DEMO_BASE" --batch "$RM_BATCH" --seq "$DEMO_SEQ" --steps "$STEPS" --warmup 1 --threads "$THREADS" --recompute "$RECOMPUTE"
             done
         fi
         ;;
     rl)
         for base in $BASES; do
             for mode in lora full; do
-                run "$PC" --task rl --mode $mode --base $base --batch "$RL_BATCH" --prompt "$RL_PROMPT" --response "$RL_RESPONSE" --steps "$STEPS" --warmup 1 --threads "$THREADS"
-                run "$PY" bench/rl_torch.py --mode $mode --base $base --batch "$RL_BATCH" --prompt "$RL_PROMPT" --response "$RL_RESPONSE" --steps "$STEPS" --warmup 1 --threads "$THREADS"
+                run "$PC" --task rl --mode $mode --base $base --batch "$RL_BATCH" --prompt "$RL_PROMPT" --response "$RL_RESPONSE" --steps "$STEPS" --warmup 1 --threads "$THREADS" --recompute "$RECOMPUTE"
+                torch_run "$PY" bench/rl_torch.py --mode $mode --base $base --batch "$RL_BATCH" --prompt "$RL_PROMPT" --response "$RL_RESPONSE" --steps "$STEPS" --warmup 1 --threads "$THREADS"
             done
         done
         if [ -d "$DEMO_BASE" ]; then
             for mode in lora full; do
-                run "$PC" --task rl --mode $mode --base "$DEMO_BASE" --batch "$RL_BATCH" --prompt "$RL_PROMPT" --response "$RL_RESPONSE" --steps "$STEPS" --warmup 1 --threads "$THREADS"
+                run "$PC" --task rl --mode $mode --base "$DEMO_BASE" --batch "$RL_BATCH" --prompt "$DEMO_PROMPT" --response "$DEMO_RESPONSE" --steps "$STEPS" --warmup 1 --threads "$THREADS" --recompute "$RECOMPUTE"
             done
         fi
         ;;
