@@ -143,6 +143,81 @@ def gen_table(recs):
     return table(["model", "impl", "batch", "threads", "new tokens", "tok/s (wall)", "tok/CPU-s", "peak RSS MB"], rows)
 
 
+def sel(recs, **kw):
+    """The last record whose fields equal kw (impl compared through impl_of)."""
+    hit = None
+    for r in recs:
+        if all((impl_of(r) if k == "impl" else r.get(k, 0 if k in ("recompute", "openmp") else None)) == v
+               for k, v in kw.items()):
+            hit = r
+    return hit
+
+
+def targets_table(recs):
+    """Issue 9's targets that these JSON lines can answer (the SFT roofline row
+    comes from bench/report.py's tables in docs/benchmarks.md)."""
+    rows = []
+    rm = dict(task="rm", batch=4, seq=256, threads=1)
+    rl = dict(task="rl", batch=4, prompt=192, response=64, threads=1)
+
+    def g(r, field):
+        return r.get(field) if r else None
+
+    def step_row(label, base, shape, spec, field):
+        a, b = sel(recs, impl="libperl", mode="lora", base=base, **spec), sel(recs, impl="pytorch", mode="lora",
+                                                                               base=base, **spec)
+        if not (a and b) or a.get("recompute"):
+            return
+        speed = g(b, field) / g(a, field) if g(a, field) and g(b, field) else None
+        rows.append([label, f"{base}, {shape}", f"{g(b, field):.2f} s", f"{g(a, field):.2f} s",
+                     f"{speed:.2f}x" if speed else None, "yes" if speed and speed >= 1.3 else "no"])
+        if field != "median_s":
+            return  # a phase of the same process: its peak RSS is the loop's
+        rss = g(a, "peak_rss_mb") / g(b, "peak_rss_mb")
+        rows.append([f"peak RSS <= 0.4x PyTorch ({label.split(' ')[1]} {label.split(' ')[2]})", f"{base}, {shape}",
+                     f"{g(b, 'peak_rss_mb'):,.0f} MB", f"{g(a, 'peak_rss_mb'):,.0f} MB", f"{rss:.2f}",
+                     "yes" if rss <= 0.4 else "no"])
+
+    for base in ("random768", "random288"):
+        step_row("LoRA RM step >= 1.3x PyTorch", base, "4 pairs x 256", rm, "median_s")
+        step_row("LoRA RL loop >= 1.3x PyTorch", base, "4 x (192 + 64)", rl, "median_s")
+        step_row("LoRA policy-gradient step (train phase) >= 1.3x PyTorch", base, "4 x (192 + 64)", rl, "train_s")
+    for spec, label, t_goal, m_goal in ((rm, "LoRA / full, RM step", 0.5, 0.35), (rl, "LoRA / full, RL loop", 0.70, 0.45)):
+        for recompute in (0, 1):
+            out = []
+            for impl in ("pytorch", "libperl"):
+                lo = sel(recs, impl=impl, mode="lora", base="random768", **spec)
+                fu = sel(recs, impl=impl, mode="full", base="random768", **spec)
+                if impl == "libperl":
+                    lo = sel(recs, impl=impl, mode="lora", base="random768", recompute=recompute, **spec)
+                    fu = sel(recs, impl=impl, mode="full", base="random768", recompute=recompute, **spec)
+                elif recompute:
+                    lo = fu = None
+                out.append((lo["median_s"] / fu["median_s"], lo["peak_rss_mb"] / fu["peak_rss_mb"]) if lo and fu else None)
+            if out[1] is None:
+                continue
+            met = f"time {'yes' if out[1][0] <= t_goal else 'no'}, memory {'yes' if out[1][1] <= m_goal else 'no'}"
+            rows.append([f"{label}: time <= {t_goal}, memory <= {m_goal}" + (" (recompute)" if recompute else ""),
+                         "random768", f"{out[0][0]:.2f} / {out[0][1]:.2f}" if out[0] else "–",
+                         f"{out[1][0]:.2f} / {out[1][1]:.2f}", "–", met])
+    lp1 = sel(recs, bench="generate", impl="libperl", model="stories260K", batch=1, threads=1)
+    l2c = sel(recs, bench="generate", impl="llama2c", model="stories260K", openmp=0)
+    if lp1 and l2c:
+        r = lp1["tokens_per_cpu_s"] / l2c["tokens_per_cpu_s"]
+        rows.append(["single-stream decode >= llama2.c-style (tok/CPU-s)", "stories260K, 256 tokens",
+                     f"{l2c['tokens_per_cpu_s']:,.0f}", f"{lp1['tokens_per_cpu_s']:,.0f}", f"{r:.2f}x",
+                     "yes" if r >= 1 else "no"])
+    for model in ("stories260K", "random768"):
+        one = sel(recs, bench="generate", impl="libperl", model=model, batch=1, threads=1)
+        sixteen = sel(recs, bench="generate", impl="libperl", model=model, batch=16, threads=1)
+        if one and sixteen:
+            r = sixteen["tokens_per_s"] / one["tokens_per_s"]
+            rows.append(["batch-16 decode >= 8x single stream (tok/s)", model, "–",
+                         f"{one['tokens_per_s']:,.0f} -> {sixteen['tokens_per_s']:,.0f}", f"{r:.2f}x",
+                         "yes" if r >= 8 else "no"])
+    return table(["target", "shape", "PyTorch", "libperl", "ratio", "met?"], rows)
+
+
 # (field, label, whether LoRA / full is a meaningful ratio: not for signed rewards)
 DEMO_FIELDS = [("reward_acc_end", "RM held-out accuracy", True), ("rl_reward_start", "RL reward, first tenth", False),
                ("rl_reward_end", "RL reward, last tenth", False),
@@ -175,7 +250,7 @@ def main():
     a = ap.parse_args()
     if a.jsonl:
         recs = load(a.jsonl)
-        for title, render in (("LoRA ÷ full", ratios_table), ("libperl against PyTorch", versus_table),
+        for title, render in (("Issue 9's targets", targets_table), ("LoRA ÷ full", ratios_table), ("libperl against PyTorch", versus_table),
                               ("Raw medians", raw_table), ("Generation", gen_table)):
             body = render(recs)
             if body.count("\n") > 1:
