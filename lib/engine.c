@@ -142,15 +142,25 @@ static void plan(engine *e, planner *p, size_t N, int n_slots, int training) {
     }
 }
 
-/* Makes the buffers fit N tokens (growing only); training adds backward scratch. */
+/*
+ * Makes the buffers fit N tokens; training adds backward scratch and (without
+ * recomputation) one activation slot per layer.  A request the current plan
+ * serves reuses it.  Otherwise the buffers are planned for this request alone,
+ * except that a training plan also covers the largest training batch seen so
+ * far (so steps of varying length do not reallocate).  In particular a large
+ * inference batch (scoring an evaluation set before training, say) never
+ * makes the later training plan hold every layer's activations for that many
+ * tokens.
+ */
 static int engine_reserve(engine *e, int N, int training) {
     int recompute = e->lora && e->lora->recompute;
     int n_slots = training && !recompute ? e->model->cfg.n_layers : 1;
     if (e->arena && N <= e->capacity && n_slots <= e->n_slots && (!training || e->planned_training))
         return LIBPERL_OK;
-    N = PERL_MAX(N, e->capacity);
-    training = training || e->planned_training;
-    n_slots = PERL_MAX(n_slots, e->n_slots);
+    if (training) {
+        N = PERL_MAX(N, e->train_capacity);
+        e->train_capacity = N;
+    }
     layer_acts *slots = perl_mem_calloc((size_t)n_slots, sizeof *slots);
     if (!slots) return perl_fail(LIBPERL_ERR_OUT_OF_MEMORY, "out of memory for activation slots");
     perl_mem_free(e->slots);

@@ -44,6 +44,7 @@ typedef struct engine {
     const packed_batch *pb;      /* batch of the last forward */
     int capacity;                /* tokens the buffers were planned for */
     int planned_training;        /* buffers include backward scratch */
+    int train_capacity;          /* the most tokens a training forward has asked for */
     int n_slots;                 /* activation slots: n_layers, or 1 (inference / recompute) */
     int training;                /* last forward was a training forward */
     uint64_t dropout_step;       /* dropout stream of the last training forward */
