@@ -107,6 +107,9 @@ static void plan(engine *e, planner *p, size_t N, int n_slots, int training) {
     /* The normed inputs and the SwiGLU product are cheap to recompute, so every
      * slot shares one buffer for each; backward recomputes them (layer_backward). */
     float *xn = take(p, N * dim), *act = take(p, N * hid);
+    /* Only backward reads a module's x A^T again; without it one buffer serves
+     * every module in turn. */
+    float *shared_u = r && !training ? take(p, N * r) : NULL;
     for (int s = 0; s < n_slots; s++) {
         layer_acts *a = &e->slots[s];
         a->xn1 = a->xn2 = xn;
@@ -121,12 +124,14 @@ static void plan(engine *e, planner *p, size_t N, int n_slots, int training) {
         a->rstd2 = take(p, N);
         a->gate = take(p, N * hid);
         a->up = take(p, N * hid);
-        for (int t = 0; t < LORA_N_TARGETS; t++)
-            a->lora_u[t] = r && (e->lora->opts.target_modules & (1u << t)) ? take(p, N * r) : NULL;
+        for (int t = 0; t < LORA_N_TARGETS; t++) {
+            int targeted = r && (e->lora->opts.target_modules & (1u << t));
+            a->lora_u[t] = !targeted ? NULL : training ? take(p, N * r) : shared_u;
+        }
     }
-    int dropout = e->lora && e->lora->opts.mode == LIBPERL_MODE_LORA && e->lora->opts.dropout > 0.0f;
-    e->x_drop = r ? take(p, N * max_in) : NULL; /* also holds the LoRA input in backward */
-    (void)dropout;
+    /* LoRA dropout (training only): the dropped input, and backward's masked du A */
+    int dropout = r && training && e->lora->opts.dropout > 0.0f;
+    e->x_drop = dropout ? take(p, N * max_in) : NULL;
     if (training) {
         e->d_resid = take(p, N * dim);
         e->d_x = take(p, N * dim);
@@ -138,7 +143,7 @@ static void plan(engine *e, planner *p, size_t N, int n_slots, int training) {
         e->d_up = take(p, N * hid);
         e->d_act = take(p, N * hid);
         e->d_u = r ? take(p, N * r) : NULL;
-        e->lora_tmp = r ? take(p, N * max_in) : NULL;
+        e->lora_tmp = dropout ? take(p, N * max_in) : NULL;
     }
 }
 
