@@ -228,6 +228,7 @@ def targets_table(recs):
 DEMO_FIELDS = [("reward_acc_end", "RM held-out accuracy", True), ("rl_reward_start", "RL reward, first tenth", False),
                ("rl_reward_end", "RL reward, last tenth", False),
                ("heldout_reward_after", "held-out reward after RL", False),
+               ("rules_before", "replies following all rules before RL (the base)", False),
                ("rules_after", "replies following all rules after RL", True), ("rl_kl_end", "KL at the end", True),
                ("reward_step_s", "RM s/step", True), ("rl_step_s", "RL s/step", True),
                ("reward_peak_rss_mb", "peak RSS after RM, MB", True), ("rl_peak_rss_mb", "peak RSS after RL, MB", True),
