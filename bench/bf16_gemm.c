@@ -112,8 +112,8 @@ int main(int argc, char **argv)
         float *y = malloc(sizeof(float) * (size_t)M * N), *y16 = malloc(sizeof(float) * (size_t)M * N);
         uint16_t *xb = malloc(2 * (size_t)M * K), *wb = malloc(2 * (size_t)N * K);
         srand(1);
-        for (size_t i = 0; i < (size_t)M * K; i++) xb[i] = to_bf16(x[i] = (float)rand() / RAND_MAX - 0.5f);
-        for (size_t i = 0; i < (size_t)N * K; i++) wb[i] = to_bf16(w[i] = (float)rand() / RAND_MAX - 0.5f);
+        for (size_t i = 0; i < (size_t)M * K; i++) xb[i] = to_bf16(x[i] = (float)((double)rand() / RAND_MAX - 0.5));
+        for (size_t i = 0; i < (size_t)N * K; i++) wb[i] = to_bf16(w[i] = (float)((double)rand() / RAND_MAX - 0.5));
         double flops = 2.0 * M * N * K, t_sgemm[REPEATS], t_bf16[REPEATS];
         int status = 0;
         for (int r = 0; r < REPEATS; r++) {
