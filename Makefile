@@ -397,7 +397,7 @@ uninstall:
 # ---- hardening (docs/hardening.md): fuzzing, sanitizers, valgrind, ABI.
 # Each builds into its own directory through a sub-make of this Makefile with
 # OPT (and CC) replaced, so the ordinary build and its flags stay untouched.
-.PHONY: fuzz fuzz-build fuzz-seeds check-asan check-valgrind check-tsan check-abi update-abi
+.PHONY: fuzz fuzz-build fuzz-seeds check-asan check-valgrind check-tsan check-abi update-abi check-clang
 
 # libFuzzer targets, one per tests/fuzz/fuzz_*.c, linked to a clang
 # ASan+UBSan build of the library.  `make fuzz FUZZ_SECONDS=600
@@ -462,6 +462,15 @@ check-asan:
 	@$(SUBMAKE) $(PARALLEL) BUILD=$(ASAN_BUILD) OPT='$(ASAN_OPT)' all examples tests
 	$(ASAN_ENV) SKIP_SUITES='$(ASAN_SKIP_SUITES)' sh scripts/run-suites.sh $(ASAN_BUILD)/tests/run_tests
 
+# Every C file of the tree (library, tests, examples, benchmarks) built with
+# clang under the same -Werror flags: the code must stay warning-free on both
+# compilers, and gcc alone does not show clang's warnings.  Builds only.
+CLANG_BUILD ?= build-clang
+check-clang:
+	@$(DEPS) clang
+	@$(SUBMAKE) $(PARALLEL) BUILD=$(CLANG_BUILD) CC=$(CLANG) all examples bench-build tests
+	@echo "check-clang: the tree builds warning-free with $(CLANG)"
+
 # The Check suite under valgrind memcheck: no leak, no invalid access.  Slow:
 # select suites with CK_RUN_SUITE=<area> (docs/hardening.md lists the times).
 # OpenBLAS is held to its Haswell kernels, which valgrind decodes.
@@ -509,7 +518,7 @@ update-abi:
 
 .PHONY: clean-hardening
 clean-hardening:
-	rm -rf $(FUZZ_BUILD) $(ASAN_BUILD) $(VALGRIND_BUILD) $(TSAN_BUILD) $(ABI_BUILD)
+	rm -rf $(FUZZ_BUILD) $(ASAN_BUILD) $(VALGRIND_BUILD) $(TSAN_BUILD) $(ABI_BUILD) $(CLANG_BUILD)
 
 # ---- housekeeping
 .PHONY: clean help FORCE
@@ -533,6 +542,7 @@ help:
 	@echo '  docs            Doxygen API reference into $(BUILD)/docs/html'
 	@echo '  fuzz            build and run each libFuzzer target for FUZZ_SECONDS (fuzz-seeds: regenerate seeds)'
 	@echo '  check-asan      the Check suite under ASan+UBSan (build-asan/)'
+	@echo '  check-clang     the whole tree built with clang -Werror (build-clang/)'
 	@echo '  check-valgrind  the Check suite under valgrind memcheck (CK_RUN_SUITE=<area> to select)'
 	@echo '  check-tsan      the threaded tests under ThreadSanitizer (build-tsan/)'
 	@echo '  check-abi       exports vs tests/abi/symbols.txt, abidiff vs tests/abi/libperl.abi (update-abi)'

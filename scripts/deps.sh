@@ -13,9 +13,9 @@ set -euo pipefail
 
 mode=${1:-demo}
 case "$mode" in
-    demo | check | bench | abi) ;;
+    demo | check | bench | abi | clang) ;;
     *)
-        echo "usage: $0 [demo|check|bench|abi]" >&2
+        echo "usage: $0 [demo|check|bench|abi|clang]" >&2
         exit 2
         ;;
 esac
@@ -42,6 +42,7 @@ case "$mode" in
     demo) optional+=(gnuplot-nox) ;; # the demo plots its training curves when gnuplot exists
     bench) ;;
     abi) optional+=(abigail-tools) ;; # abidw/abidiff: without them check-abi compares symbols only
+    clang) required+=(clang check) ;;   # make check-clang: the whole tree built with clang -Werror
 esac
 
 install_command() {
