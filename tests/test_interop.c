@@ -26,7 +26,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #include "libperl/libperl.h"
 #include "safetensors.h"
@@ -36,25 +35,10 @@
 
 static const char *interop_fixture_dir(void)
 {
-    static char dir[1024];
-    static const char *const candidates[] = {"tests/fixtures", "../tests/fixtures"};
-    if (dir[0] != '\0') return dir;
-    const char *env = getenv("LIBPERL_FIXTURE_DIR");
-    if (env != NULL && env[0] != '\0') {
-        snprintf(dir, sizeof dir, "%s", env);
-        return dir;
-    }
-    for (size_t i = 0; i < sizeof candidates / sizeof candidates[0]; i++) {
-        char probe[1100];
-        struct stat st;
-        snprintf(probe, sizeof probe, "%s/interop_expected.safetensors", candidates[i]);
-        if (stat(probe, &st) == 0) {
-            snprintf(dir, sizeof dir, "%s", candidates[i]);
-            return dir;
-        }
-    }
-    ck_abort_msg("interop fixtures not found: set LIBPERL_FIXTURE_DIR or run from the repository root");
-    return NULL;
+    static char dir[512]; /* short enough that dir + '/' + name fits callers' path buffers */
+    if (dir[0] == '\0' && test_fixture_dir(dir, sizeof dir, "interop_expected.safetensors") == NULL)
+        ck_abort_msg("interop fixtures not found: set LIBPERL_FIXTURE_DIR or run from the repository root");
+    return dir;
 }
 
 static const char *fx(char *buf, size_t n, const char *name)

@@ -27,17 +27,9 @@
 /* ---- fixtures -------------------------------------------------------------------- */
 
 static const char *fixture_dir(void) {
-    static char dir[1024];
-    const char *env = getenv("LIBPERL_FIXTURE_DIR");
-    char probe[1100];
-    if (dir[0]) return dir;
-    if (env && env[0]) {
-        snprintf(dir, sizeof dir, "%s", env);
-        return dir;
-    }
-    snprintf(dir, sizeof dir, "tests/fixtures");
-    if (test_file_exists(test_path(probe, sizeof probe, dir, "tiny/config.json"))) return dir;
-    snprintf(dir, sizeof dir, "../tests/fixtures");
+    static char dir[512]; /* short enough that dir + '/' + name fits callers' path buffers */
+    if (dir[0] == '\0' && test_fixture_dir(dir, sizeof dir, "tiny/config.json") == NULL)
+        ck_abort_msg("policy fixtures not found: set LIBPERL_FIXTURE_DIR or run from the repository root");
     return dir;
 }
 

@@ -15,13 +15,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #include "adamw.h"
 #include "libperl/libperl.h"
 #include "lora.h"
 #include "model.h"
 #include "safetensors.h"
+#include "test_util.h"
 
 /* Worst |difference| over a tensor, relative to its largest |reference|
  * value.  Float32 kernels reproduce the float64 reference to ~1e-6 of the
@@ -41,27 +41,10 @@
 
 static const char *fixture_dir(void)
 {
-    static char dir[1024];
-    static const char *const candidates[] = {"tests/fixtures", "../tests/fixtures"};
-    struct stat st;
-    const char *env;
-
-    if (dir[0] != '\0') return dir;
-    env = getenv("LIBPERL_FIXTURE_DIR");
-    if (env != NULL && env[0] != '\0') {
-        snprintf(dir, sizeof dir, "%s", env);
-        return dir;
-    }
-    for (size_t i = 0; i < sizeof candidates / sizeof candidates[0]; i++) {
-        char probe[1100];
-        snprintf(probe, sizeof probe, "%s/tiny/config.json", candidates[i]);
-        if (stat(probe, &st) == 0) {
-            snprintf(dir, sizeof dir, "%s", candidates[i]);
-            return dir;
-        }
-    }
-    ck_abort_msg("reference fixtures not found: set LIBPERL_FIXTURE_DIR or run from the repository root");
-    return NULL;
+    static char dir[512]; /* short enough that dir + '/' + name fits callers' path buffers */
+    if (dir[0] == '\0' && test_fixture_dir(dir, sizeof dir, "tiny/config.json") == NULL)
+        ck_abort_msg("reference fixtures not found: set LIBPERL_FIXTURE_DIR or run from the repository root");
+    return dir;
 }
 
 /* "<fixture dir>/<name>" in a caller's buffer. */

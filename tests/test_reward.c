@@ -26,24 +26,10 @@
 /* ---- fixtures ------------------------------------------------------------------ */
 
 static const char *fixture_dir(void) {
-    static char dir[1024];
-    static const char *const candidates[] = {"tests/fixtures", "../tests/fixtures"};
-    if (dir[0]) return dir;
-    const char *env = getenv("LIBPERL_FIXTURE_DIR");
-    if (env && *env) {
-        snprintf(dir, sizeof dir, "%s", env);
-        return dir;
-    }
-    for (size_t i = 0; i < sizeof candidates / sizeof candidates[0]; i++) {
-        char probe[1100];
-        snprintf(probe, sizeof probe, "%s/reward_lora/adapter_config.json", candidates[i]);
-        if (test_file_exists(probe)) {
-            snprintf(dir, sizeof dir, "%s", candidates[i]);
-            return dir;
-        }
-    }
-    ck_abort_msg("reward fixtures not found: set LIBPERL_FIXTURE_DIR or run from the repository root");
-    return NULL;
+    static char dir[512]; /* short enough that dir + '/' + name fits callers' path buffers */
+    if (dir[0] == '\0' && test_fixture_dir(dir, sizeof dir, "reward_lora/adapter_config.json") == NULL)
+        ck_abort_msg("reward fixtures not found: set LIBPERL_FIXTURE_DIR or run from the repository root");
+    return dir;
 }
 
 static const char *fixture_path(char *buf, size_t n, const char *name) {

@@ -43,6 +43,30 @@ static inline int test_file_exists(const char *path)
 }
 
 /* Creates a fresh private directory under $TMPDIR (or /tmp) into buf. 0 on success. */
+/* The directory of the committed PyTorch fixtures into buf:
+ * $LIBPERL_FIXTURE_DIR, else the first of tests/fixtures and ../tests/fixtures
+ * (run from the repository root or from a build directory) that holds
+ * `probe`, a file the calling suite needs.  Returns buf, or NULL when no
+ * candidate holds it (the caller aborts with its own message). */
+static inline const char *test_fixture_dir(char *buf, size_t n, const char *probe)
+{
+    static const char *const candidates[] = {"tests/fixtures", "../tests/fixtures"};
+    const char *env = getenv("LIBPERL_FIXTURE_DIR");
+    if (env != NULL && env[0] != '\0') {
+        snprintf(buf, n, "%s", env);
+        return buf;
+    }
+    for (size_t i = 0; i < sizeof candidates / sizeof candidates[0]; i++) {
+        char path[1100];
+        snprintf(path, sizeof path, "%s/%s", candidates[i], probe);
+        if (test_file_exists(path)) {
+            snprintf(buf, n, "%s", candidates[i]);
+            return buf;
+        }
+    }
+    return NULL;
+}
+
 static inline int test_make_temp_dir(char *buf, size_t n)
 {
     static unsigned counter;
