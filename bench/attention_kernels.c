@@ -15,6 +15,7 @@
 
 #include "kernels.h"
 
+#define BENCH_NAME "attention_kernels"
 #include "bench_util.h"
 
 #include <stdio.h>
@@ -40,9 +41,10 @@ static void run(const char *name, int rows, int T, int H, int KV, int D, int rep
     double best_f = 1e30, best_b = 1e30;
     for (int r = 0; r < reps; r++) {
         double t0 = now_s();
-        if (attention_forward(o, lse, q, k, v, row_start, rows, H, KV, D) != LIBPERL_OK) exit(1);
+        BENCH_TRY("attention_forward", attention_forward(o, lse, q, k, v, row_start, rows, H, KV, D));
         double t1 = now_s();
-        if (attention_backward(dq, dk, dv, dout, o, lse, q, k, v, row_start, rows, H, KV, D) != LIBPERL_OK) exit(1);
+        BENCH_TRY("attention_backward",
+                  attention_backward(dq, dk, dv, dout, o, lse, q, k, v, row_start, rows, H, KV, D));
         double t2 = now_s();
         best_f = t1 - t0 < best_f ? t1 - t0 : best_f;
         best_b = t2 - t1 < best_b ? t2 - t1 : best_b;

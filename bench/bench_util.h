@@ -6,11 +6,29 @@
 #ifndef LIBPERL_BENCH_UTIL_H
 #define LIBPERL_BENCH_UTIL_H
 
+#include <libperl/libperl.h>
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
 #include <time.h>
+
+/* A benchmark stops at the first library error, naming the call, the status
+ * and the library's message.  Each program defines BENCH_NAME before
+ * including this header. */
+#ifndef BENCH_NAME
+#  define BENCH_NAME "bench"
+#endif
+static inline void bench_die(const char *what, int status) {
+    fprintf(stderr, BENCH_NAME ": %s failed: %s (%s)\n", what, perl_status_str(status), perl_last_error());
+    exit(1);
+}
+#define BENCH_TRY(what, call)                          \
+    do {                                               \
+        int rc_ = (call);                              \
+        if (rc_ != LIBPERL_OK) bench_die((what), rc_); \
+    } while (0)
 
 static inline double now_s(void) {
     struct timespec ts;

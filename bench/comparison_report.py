@@ -65,13 +65,6 @@ def steps(recs):
     return [r for r in recs if r.get("bench") in ("perl_comparison", "rm_torch", "rl_torch")]
 
 
-def find(recs, **kw):
-    for r in recs:
-        if all(r.get(k) == v or (k == "impl" and impl_of(r) == v) for k, v in kw.items()):
-            return r
-    return None
-
-
 def groups(recs):
     """(task, base, shape) in first-seen order."""
     seen = []

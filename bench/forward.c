@@ -17,6 +17,7 @@
 
 #include <libperl/libperl.h>
 
+#define BENCH_NAME "forward"
 #include "bench_util.h"
 
 #include <stdio.h>
@@ -25,11 +26,6 @@
 #include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
-
-static void die(const char *what, int rc) {
-    fprintf(stderr, "forward: %s failed: %s (%s)\n", what, perl_status_str(rc), perl_last_error());
-    exit(1);
-}
 
 static void usage(void) {
     fprintf(stderr, "usage: forward [--model stories260K|random768] [--path FILE] [--batch B] [--seq T]\n"
@@ -59,7 +55,7 @@ int main(int argc, char **argv) {
 
     double rss_start = current_rss_mb();
     int rc = perl_set_num_threads(threads);
-    if (rc) die("perl_set_num_threads", rc);
+    if (rc) bench_die("perl_set_num_threads", rc);
 
     perl_model *model = NULL;
     char default_path[4096];
@@ -69,7 +65,7 @@ int main(int argc, char **argv) {
             snprintf(default_path, sizeof default_path, "%s/models/stories260K.bin", dir && *dir ? dir : "../shared");
             path = default_path;
         }
-        if ((rc = perl_model_load(&model, path))) die("perl_model_load", rc);
+        if ((rc = perl_model_load(&model, path))) bench_die("perl_model_load", rc);
         if (!batch_size) batch_size = 8;
     } else if (!strcmp(model_name, "random768")) {
         perl_model_config cfg;
@@ -82,14 +78,14 @@ int main(int argc, char **argv) {
         cfg.vocab_size = 32000;
         cfg.max_seq_len = seq_len > 256 ? seq_len : 256;
         cfg.tied_embeddings = 0;
-        if ((rc = perl_model_create_random(&model, &cfg, 1234))) die("perl_model_create_random", rc);
+        if ((rc = perl_model_create_random(&model, &cfg, 1234))) bench_die("perl_model_create_random", rc);
         if (!batch_size) batch_size = 4;
     } else {
         usage();
     }
     perl_model_config cfg;
     perl_model_config_init(&cfg);
-    if ((rc = perl_model_get_config(model, &cfg))) die("perl_model_get_config", rc);
+    if ((rc = perl_model_get_config(model, &cfg))) bench_die("perl_model_get_config", rc);
     if (seq_len > cfg.max_seq_len) {
         fprintf(stderr, "forward: seq %d exceeds the model context %d\n", seq_len, cfg.max_seq_len);
         return 2;
@@ -120,7 +116,7 @@ int main(int argc, char **argv) {
     double load_before = loadavg1(), cpu_timed = 0.0, wall_timed = 0.0, busy_timed = 0.0;
     for (int i = 0; i < warmup + reps; i++) {
         double b0 = machine_busy_s(), c0 = cpu_s(), t0 = now_s();
-        if ((rc = perl_model_forward(model, NULL, &batch, logits, hidden))) die("perl_model_forward", rc);
+        if ((rc = perl_model_forward(model, NULL, &batch, logits, hidden))) bench_die("perl_model_forward", rc);
         double t1 = now_s(), c1 = cpu_s(), b1 = machine_busy_s();
         if (i >= warmup) {
             times[i - warmup] = t1 - t0;

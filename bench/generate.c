@@ -16,6 +16,7 @@
 
 #include <libperl/libperl.h>
 
+#define BENCH_NAME "generate"
 #include "bench_util.h"
 
 #include <stdio.h>
@@ -24,16 +25,6 @@
 #include <sys/resource.h>
 #include <time.h>
 
-static void die(const char *what, int status) {
-    fprintf(stderr, "generate: %s: %s (%s)\n", what, perl_status_str(status), perl_last_error());
-    exit(1);
-}
-#define TRY(what, call)                        \
-    do {                                       \
-        int rc_ = (call);                      \
-        if (rc_ != LIBPERL_OK) die(what, rc_); \
-    } while (0)
-
 static perl_model *load(const char *name, char *path, size_t cap) {
     perl_model *m;
     if (!strcmp(name, "random768")) {
@@ -41,7 +32,7 @@ static perl_model *load(const char *name, char *path, size_t cap) {
         perl_model_config_init(&c);
         c.dim = 768, c.hidden_dim = 2048, c.n_layers = 12, c.n_heads = 12, c.n_kv_heads = 4;
         c.vocab_size = 32000, c.max_seq_len = 512, c.tied_embeddings = 0;
-        TRY("create random model", perl_model_create_random(&m, &c, 1));
+        BENCH_TRY("create random model", perl_model_create_random(&m, &c, 1));
         snprintf(path, cap, "random768");
         return m;
     }
@@ -51,7 +42,7 @@ static perl_model *load(const char *name, char *path, size_t cap) {
     } else {
         snprintf(path, cap, "%s", name);
     }
-    TRY(path, perl_model_load(&m, path));
+    BENCH_TRY(path, perl_model_load(&m, path));
     return m;
 }
 
@@ -73,7 +64,7 @@ int main(int argc, char **argv) {
                         " [--threads T] [--reps R] [--warmup W]\n");
         return 2;
     }
-    TRY("set threads", perl_set_num_threads(threads));
+    BENCH_TRY("set threads", perl_set_num_threads(threads));
     char path[1024];
     perl_model *m = load(model_name, path, sizeof path);
 
@@ -91,10 +82,10 @@ int main(int argc, char **argv) {
     g.max_new_tokens = n_new, g.temperature = 0.0f; /* greedy, no stop tokens: every row runs n_new steps */
 
     double load0 = loadavg1();
-    for (int i = 0; i < warmup; i++) TRY("generate", perl_generate(m, NULL, &p, &g, out, lens, NULL));
+    for (int i = 0; i < warmup; i++) BENCH_TRY("generate", perl_generate(m, NULL, &p, &g, out, lens, NULL));
     for (int i = 0; i < reps; i++) {
         double t0 = now_s(), c0 = cpu_s();
-        TRY("generate", perl_generate(m, NULL, &p, &g, out, lens, NULL));
+        BENCH_TRY("generate", perl_generate(m, NULL, &p, &g, out, lens, NULL));
         times[i] = now_s() - t0, cpus[i] = cpu_s() - c0;
     }
     double tmin = times[0];

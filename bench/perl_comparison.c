@@ -19,6 +19,7 @@
 
 #include <libperl/libperl.h>
 
+#define BENCH_NAME "perl_comparison"
 #include "bench_util.h"
 
 #include <stdio.h>
@@ -33,20 +34,10 @@ typedef struct settings {
     int recompute; /* perl_lora_set_recompute on the trained adapters: activations per layer, recomputed */
 } settings;
 
-static void die(const char *what, int status) {
-    fprintf(stderr, "perl_comparison: %s: %s (%s)\n", what, perl_status_str(status), perl_last_error());
-    exit(1);
-}
-#define TRY(what, call)                      \
-    do {                                     \
-        int rc_ = (call);                    \
-        if (rc_ != LIBPERL_OK) die(what, rc_); \
-    } while (0)
-
 static perl_model *load_base(const char *base) {
     perl_model *m;
     if (strncmp(base, "random", 6) != 0) {
-        TRY(base, perl_model_load(&m, base));
+        BENCH_TRY(base, perl_model_load(&m, base));
         return m;
     }
     perl_model_config c;
@@ -55,7 +46,7 @@ static perl_model *load_base(const char *base) {
     c.dim = medium ? 768 : 288, c.hidden_dim = medium ? 2048 : 768, c.n_layers = medium ? 12 : 6;
     c.n_heads = medium ? 12 : 6, c.n_kv_heads = medium ? 4 : 6, c.vocab_size = 32000, c.max_seq_len = 512;
     c.tied_embeddings = 0;
-    TRY("create random model", perl_model_create_random(&m, &c, 1));
+    BENCH_TRY("create random model", perl_model_create_random(&m, &c, 1));
     return m;
 }
 
@@ -65,12 +56,12 @@ static perl_lora *make_adapter(perl_model *m, const char *mode, uint64_t seed, i
     o.seed = seed;
     if (strcmp(mode, "full") == 0) o.mode = LIBPERL_MODE_FULL;
     perl_lora *lora;
-    TRY("create adapter", perl_lora_create(&lora, m, &o));
+    BENCH_TRY("create adapter", perl_lora_create(&lora, m, &o));
     perl_optim_options opt;
     perl_optim_options_init(&opt);
     opt.lr = 1e-5f;
-    TRY("set optimizer", perl_lora_set_optimizer(lora, &opt));
-    TRY("set recompute", perl_lora_set_recompute(lora, recompute));
+    BENCH_TRY("set optimizer", perl_lora_set_optimizer(lora, &opt));
+    BENCH_TRY("set recompute", perl_lora_set_recompute(lora, recompute));
     return lora;
 }
 
@@ -83,7 +74,7 @@ static double rm_step(perl_reward *rm, perl_batch *chosen, perl_batch *rejected)
     perl_reward_stats st;
     perl_reward_stats_init(&st);
     double t0 = now_s();
-    TRY("reward step", perl_reward_step_pairwise(rm, chosen, rejected, NULL, NULL, NULL, &st));
+    BENCH_TRY("reward step", perl_reward_step_pairwise(rm, chosen, rejected, NULL, NULL, NULL, &st));
     return now_s() - t0;
 }
 
@@ -92,7 +83,7 @@ static void run_rm(const settings *s, perl_model *m, double *times, int *n_token
     perl_reward_options ro;
     perl_reward_options_init(&ro);
     perl_reward *rm;
-    TRY("create reward model", perl_reward_create(&rm, m, lora, &ro));
+    BENCH_TRY("create reward model", perl_reward_create(&rm, m, lora, &ro));
     perl_model_config c;
     perl_model_config_init(&c);
     perl_model_get_config(m, &c);
@@ -138,7 +129,7 @@ static double rl_step(const settings *s, rl_state *st, uint64_t seed, rl_phases 
     perl_generate_options g;
     perl_generate_options_init(&g);
     g.max_new_tokens = s->response, g.seed = seed;
-    TRY("generate", perl_generate(st->m, st->policy, &prompts, &g, st->responses, st->resp_lens, st->logprobs));
+    BENCH_TRY("generate", perl_generate(st->m, st->policy, &prompts, &g, st->responses, st->resp_lens, st->logprobs));
     double t1 = now_s();
     int total = s->prompt + s->response;
     int32_t *lengths = malloc((size_t)s->batch * sizeof *lengths);
@@ -154,11 +145,11 @@ static double rl_step(const settings *s, rl_state *st, uint64_t seed, rl_phases 
     perl_batch scored;
     perl_batch_init(&scored);
     scored.batch_size = s->batch, scored.seq_len = total, scored.tokens = st->scored, scored.lengths = lengths;
-    TRY("score", perl_reward_score(st->rm, &scored, st->rewards));
+    BENCH_TRY("score", perl_reward_score(st->rm, &scored, st->rewards));
     double t2 = now_s();
     perl_policy_stats ps;
     perl_policy_stats_init(&ps);
-    TRY("policy step", perl_policy_step(st->trainer, &prompts, st->responses, st->resp_lens, s->response, st->rewards,
+    BENCH_TRY("policy step", perl_policy_step(st->trainer, &prompts, st->responses, st->resp_lens, s->response, st->rewards,
                                         st->logprobs, &ps));
     free(lengths);
     double t3 = now_s();
@@ -172,10 +163,10 @@ static void run_rl(const settings *s, perl_model *m, double *times, int *n_token
     st.rm_lora = make_adapter(m, s->mode, 12, s->recompute);
     perl_reward_options ro;
     perl_reward_options_init(&ro);
-    TRY("create reward model", perl_reward_create(&st.rm, m, st.rm_lora, &ro));
+    BENCH_TRY("create reward model", perl_reward_create(&st.rm, m, st.rm_lora, &ro));
     perl_policy_options po;
     perl_policy_options_init(&po);
-    TRY("create policy trainer", perl_policy_create(&st.trainer, m, st.policy, NULL, &po));
+    BENCH_TRY("create policy trainer", perl_policy_create(&st.trainer, m, st.policy, NULL, &po));
     perl_model_config c;
     perl_model_config_init(&c);
     perl_model_get_config(m, &c);
@@ -236,7 +227,7 @@ int main(int argc, char **argv) {
                         " [--threads N] [--recompute 0|1]\n");
         return 2;
     }
-    TRY("set threads", perl_set_num_threads(s.threads));
+    BENCH_TRY("set threads", perl_set_num_threads(s.threads));
     perl_model *m = load_base(s.base);
     double *times = malloc((size_t)s.steps * sizeof *times);
     int n_tokens = 0;

@@ -25,6 +25,7 @@
 
 #include <libperl/libperl.h>
 
+#define BENCH_NAME "sft_step"
 #include "bench_util.h"
 
 #include <stdio.h>
@@ -33,11 +34,6 @@
 #include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
-
-static void die(const char *what, int rc) {
-    fprintf(stderr, "sft_step: %s failed: %s (%s)\n", what, perl_status_str(rc), perl_last_error());
-    exit(1);
-}
 
 static void usage(void) {
     fprintf(stderr, "usage: sft_step [--mode lora|full] [--recompute 0|1] [--rank R] [--batch B] [--seq T]\n"
@@ -102,7 +98,7 @@ int main(int argc, char **argv) {
     if (reps < 1 || warmup < 0 || batch_size < 1 || seq_len < 2) usage();
 
     int rc = perl_set_num_threads(threads);
-    if (rc) die("perl_set_num_threads", rc);
+    if (rc) bench_die("perl_set_num_threads", rc);
     double t_setup = now_s();
     perl_model *model = NULL;
     if (!strcmp(model_name, "random768")) {
@@ -116,18 +112,18 @@ int main(int argc, char **argv) {
         cfg.vocab_size = 32000;
         cfg.max_seq_len = seq_len > 256 ? seq_len : 256;
         cfg.tied_embeddings = 0;
-        if ((rc = perl_model_create_random(&model, &cfg, 1234))) die("perl_model_create_random", rc);
+        if ((rc = perl_model_create_random(&model, &cfg, 1234))) bench_die("perl_model_create_random", rc);
     } else if (!strcmp(model_name, "stories260K")) {
         const char *dir = getenv("PERL_SHARED_DIR");
         char path[4096];
         snprintf(path, sizeof path, "%s/models/stories260K.bin", dir && *dir ? dir : "../shared");
-        if ((rc = perl_model_load(&model, path))) die("perl_model_load", rc);
+        if ((rc = perl_model_load(&model, path))) bench_die("perl_model_load", rc);
     } else {
         usage();
     }
     perl_model_config cfg;
     perl_model_config_init(&cfg);
-    if ((rc = perl_model_get_config(model, &cfg))) die("perl_model_get_config", rc);
+    if ((rc = perl_model_get_config(model, &cfg))) bench_die("perl_model_get_config", rc);
 
     perl_lora_options opts;
     perl_lora_options_init(&opts);
@@ -136,16 +132,16 @@ int main(int argc, char **argv) {
     opts.alpha = 2.0f * rank;
     opts.train_embeddings = full ? 1 : 0;
     perl_lora *lora = NULL;
-    if ((rc = perl_lora_create(&lora, model, &opts))) die("perl_lora_create", rc);
-    if ((rc = perl_lora_set_recompute(lora, recompute))) die("perl_lora_set_recompute", rc);
+    if ((rc = perl_lora_create(&lora, model, &opts))) bench_die("perl_lora_create", rc);
+    if ((rc = perl_lora_set_recompute(lora, recompute))) bench_die("perl_lora_set_recompute", rc);
     perl_optim_options optim;
     perl_optim_options_init(&optim);
-    if ((rc = perl_lora_set_optimizer(lora, &optim))) die("perl_lora_set_optimizer", rc);
+    if ((rc = perl_lora_set_optimizer(lora, &optim))) bench_die("perl_lora_set_optimizer", rc);
     double setup_s = now_s() - t_setup;
 
     size_t n_tok = (size_t)batch_size * seq_len;
     int32_t *tokens = malloc(n_tok * sizeof *tokens);
-    if (!tokens) die("malloc", LIBPERL_ERR_OUT_OF_MEMORY);
+    if (!tokens) bench_die("malloc", LIBPERL_ERR_OUT_OF_MEMORY);
     uint64_t s = 0x9E3779B97F4A7C15ull;
     for (size_t i = 0; i < n_tok; i++) {
         s ^= s << 13, s ^= s >> 7, s ^= s << 17; /* xorshift64 */
@@ -164,7 +160,7 @@ int main(int argc, char **argv) {
     double load_before = loadavg1(), cpu_timed = 0.0, wall_timed = 0.0, busy_timed = 0.0;
     for (int i = 0; i < warmup + reps; i++) {
         double b0 = machine_busy_s(), c0 = cpu_s(), t0 = now_s();
-        if ((rc = perl_lora_sft_step(lora, &batch, NULL, &st))) die("perl_lora_sft_step", rc);
+        if ((rc = perl_lora_sft_step(lora, &batch, NULL, &st))) bench_die("perl_lora_sft_step", rc);
         double t1 = now_s(), c1 = cpu_s(), b1 = machine_busy_s();
         if (i == 0) first_loss = st.loss;
         if (i >= warmup) {
@@ -221,15 +217,15 @@ int main(int argc, char **argv) {
         for (int i = 0; i < phase_reps; i++) { /* the step loop above was the warm-up */
             double t[N_PHASES + 1];
             t[0] = now_s();
-            if ((rc = perl_lora_zero_grad(lora))) die("perl_lora_zero_grad", rc);
+            if ((rc = perl_lora_zero_grad(lora))) bench_die("perl_lora_zero_grad", rc);
             t[1] = now_s();
-            if ((rc = perl_lora_sft_backward(lora, &batch, NULL, &st))) die("perl_lora_sft_backward", rc);
+            if ((rc = perl_lora_sft_backward(lora, &batch, NULL, &st))) bench_die("perl_lora_sft_backward", rc);
             t[2] = now_s();
-            if ((rc = perl_lora_optimizer_step(lora, &st))) die("perl_lora_optimizer_step", rc);
+            if ((rc = perl_lora_optimizer_step(lora, &st))) bench_die("perl_lora_optimizer_step", rc);
             t[3] = now_s();
-            if ((rc = perl_model_forward(model, lora, &batch, NULL, hidden))) die("perl_model_forward", rc);
+            if ((rc = perl_model_forward(model, lora, &batch, NULL, hidden))) bench_die("perl_model_forward", rc);
             t[4] = now_s();
-            if ((rc = perl_model_token_logprobs(model, lora, &batch, logp))) die("perl_model_token_logprobs", rc);
+            if ((rc = perl_model_token_logprobs(model, lora, &batch, logp))) bench_die("perl_model_token_logprobs", rc);
             t[5] = now_s();
             for (int p = 0; p < N_PHASES; p++) pt[p][i] = t[p + 1] - t[p];
         }
