@@ -29,7 +29,8 @@
  *
  * The host owns every loop: the library computes one step at a time, and
  * everything else here — data, batching, progress, metrics, files — is the
- * host's.  Only <libperl/libperl.h> is used.
+ * host's.  Of libperl only <libperl/libperl.h> is used; the clock and the
+ * peak-RSS reading come from the examples' shared helpers (common/eval.h).
  *
  * Outputs (under --out, default build/demo): base_model/ (HF layout),
  * reward_adapter/ and policy_adapter/ (PEFT layout; with --full, whole models
@@ -41,6 +42,8 @@
 
 #include <libperl/libperl.h>
 
+#include "eval.h"
+
 #include <errno.h>
 #include <math.h>
 #include <spawn.h>
@@ -48,7 +51,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -110,15 +112,8 @@ static demo_plan plan_for(int quick)
 }
 
 /* ========================================================================= */
-/* Small utilities: time, random numbers, errors, files                      */
+/* Small utilities: medians, random numbers, errors, files                   */
 /* ========================================================================= */
-
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 /* The median of n step times (sorts them). */
 static int compare_doubles(const void *a, const void *b)
@@ -132,13 +127,6 @@ static double median_seconds(double *t, int n)
     if (n <= 0) return 0;
     qsort(t, (size_t)n, sizeof *t, compare_doubles);
     return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
-}
-
-/* The process's peak resident set so far, in MB (Linux reports KiB). */
-static double peak_rss_mb(void)
-{
-    struct rusage ru;
-    return getrusage(RUSAGE_SELF, &ru) == 0 ? (double)ru.ru_maxrss / 1024.0 : 0.0;
 }
 
 /* splitmix64: a tiny, good-enough generator for the data grammar. */
@@ -468,7 +456,7 @@ static void progress_start(progress *p, const char *label, int total)
 {
     p->label = label;
     p->total = total;
-    p->start = p->last_draw = now_seconds();
+    p->start = p->last_draw = ex_now_seconds();
     p->tty = isatty(fileno(stderr));
     p->next_decile = 1;
 }
@@ -482,7 +470,7 @@ static void format_duration(char *buf, size_t n, double seconds)
 /* Redraws the bar (TTY) or prints a line at each 10% (log files, CI). */
 static void progress_update(progress *p, int done, const char *metrics)
 {
-    double t = now_seconds(), elapsed = t - p->start;
+    double t = ex_now_seconds(), elapsed = t - p->start;
     double rate = elapsed > 0 ? done / elapsed : 0;
     char eta[16], bar[21], speed[24];
     format_duration(eta, sizeof eta, rate > 0 ? (p->total - done) / rate : 0);
@@ -611,7 +599,7 @@ static int stage_pretrain(const demo_plan *plan, const demo_options *opt, perl_m
         progress_update(&bar, step + 1, metrics);
     }
     res->pretrain_loss_end = loss_count ? (float)(loss_sum / loss_count) : res->pretrain_loss_start;
-    res->pretrain_seconds = now_seconds() - bar.start;
+    res->pretrain_seconds = ex_now_seconds() - bar.start;
     rows_free(&rows);
 
     /* Freeze: a FULL adapter merges into an independent model. */
@@ -768,7 +756,7 @@ static int stage_reward(const demo_plan *plan, const demo_options *opt, perl_mod
     double *step_seconds = xcalloc((size_t)plan->reward_steps, sizeof(double));
     int steps_done = 0;
     for (int step = 0; rc == LIBPERL_OK && step < plan->reward_steps; step++) {
-        double step_start = now_seconds();
+        double step_start = ex_now_seconds();
         make_pairs(&train, plan->reward_batch, 1, &train_rng);
         perl_batch chosen = rows_batch(&train.chosen), rejected = rows_batch(&train.rejected);
         perl_reward_stats st;
@@ -776,7 +764,7 @@ static int stage_reward(const demo_plan *plan, const demo_options *opt, perl_mod
         rc = check(perl_reward_step_pairwise(*out_rm, &chosen, &rejected, NULL, NULL, NULL, &st),
                    "perl_reward_step_pairwise");
         if (rc != LIBPERL_OK) break;
-        step_seconds[steps_done++] = now_seconds() - step_start;
+        step_seconds[steps_done++] = ex_now_seconds() - step_start;
         smoothed_acc = 0.9f * smoothed_acc + 0.1f * st.accuracy;
         smoothed_loss = 0.9f * smoothed_loss + 0.1f * st.loss;
         char metrics[96];
@@ -785,9 +773,9 @@ static int stage_reward(const demo_plan *plan, const demo_options *opt, perl_mod
         progress_update(&bar, step + 1, metrics);
     }
     if (rc == LIBPERL_OK) rc = reward_accuracy(*out_rm, &eval, &res->reward_acc_end, per_rule);
-    res->reward_seconds = now_seconds() - bar.start;
+    res->reward_seconds = ex_now_seconds() - bar.start;
     res->reward_step_seconds = median_seconds(step_seconds, steps_done);
-    res->reward_peak_rss_mb = peak_rss_mb();
+    res->reward_peak_rss_mb = ex_peak_rss_mb();
     free(step_seconds);
     if (rc == LIBPERL_OK) {
         fprintf(stderr, "  held-out accuracy %.1f%% -> %.1f%% on %d pairs (chance 50%%) in %.1f s; by broken rule:",
@@ -1006,7 +994,7 @@ static int stage_rl(const demo_plan *plan, const demo_options *opt, perl_model *
     int steps_done = 0;
     int rc = LIBPERL_OK;
     for (int step = 0; step < plan->rl_steps; step++) {
-        double step_start = now_seconds();
+        double step_start = ex_now_seconds();
         /* 1. sample replies from the current policy and score them */
         rollout_set_prompts(&r, plan->rl_group, &rng);
         rc = rollout_sample(&r, base, *out_policy, rm, opt->seed * 1000003ull + (uint64_t)step);
@@ -1019,12 +1007,12 @@ static int stage_rl(const demo_plan *plan, const demo_options *opt, perl_model *
                                     r.logprobs, &st),
                    "perl_policy_step");
         if (rc != LIBPERL_OK) break;
-        step_seconds[steps_done++] = now_seconds() - step_start;
+        step_seconds[steps_done++] = ex_now_seconds() - step_start;
         /* 3. metrics */
         float rules = rollout_rule_rate(&r);
         fprintf(csv, "%d,%.5f,%.5f,%.5f,%.5f,%.5f,%.2f,%.5f,%.5f,%.6g,%.4f,%.2f\n", step + 1, st.mean_reward,
                 st.std_reward, st.kl, st.kl_coef, st.entropy, st.response_length, st.loss, st.grad_norm, st.lr,
-                rules, now_seconds() - bar.start);
+                rules, ex_now_seconds() - bar.start);
         if (step < window) first_sum += st.mean_reward;
         if (step >= plan->rl_steps - window) last_sum += st.mean_reward;
         if (step == 0) res->rl_entropy_start = st.entropy;
@@ -1037,9 +1025,9 @@ static int stage_rl(const demo_plan *plan, const demo_options *opt, perl_model *
     }
     res->rl_reward_start = (float)(first_sum / window);
     res->rl_reward_end = (float)(last_sum / window);
-    res->rl_seconds = now_seconds() - bar.start;
+    res->rl_seconds = ex_now_seconds() - bar.start;
     res->rl_step_seconds = median_seconds(step_seconds, steps_done);
-    res->rl_peak_rss_mb = peak_rss_mb();
+    res->rl_peak_rss_mb = ex_peak_rss_mb();
     free(step_seconds);
     if (fclose(csv) != 0 && rc == LIBPERL_OK) {
         fprintf(stderr, "perl_demo: cannot write %s: %s\n", csv_path, strerror(errno));
@@ -1255,7 +1243,7 @@ static int run_demo(const demo_options *o, const demo_plan *p)
 {
     demo_options opt = *o;
     demo_plan plan = *p;
-    double t0 = now_seconds();
+    double t0 = ex_now_seconds();
 
     if (perl_version_number() != LIBPERL_VERSION_NUMBER) {
         fprintf(stderr, "perl_demo: built against libperl %s but running with %s\n", LIBPERL_VERSION_STRING,
@@ -1311,7 +1299,7 @@ static int run_demo(const demo_options *o, const demo_plan *p)
     int improved = 0;
     if (rc == LIBPERL_OK && opt.json_path != NULL) rc = write_json(opt.json_path, &opt, &res);
     if (rc == LIBPERL_OK) {
-        improved = summarize(&res, now_seconds() - t0);
+        improved = summarize(&res, ex_now_seconds() - t0);
         /* perl_lora_save writes LoRA adapters in PEFT layout and FULL ones as
          * whole models (Hugging Face layout, plus score.safetensors for a head) */
         const char *layout = opt.full ? "Hugging Face layout" : "PEFT layout";
