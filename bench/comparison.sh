@@ -53,21 +53,9 @@ cc -std=c11 -O3 -march=native -fopenmp -o "$BUILD/bench/llama2c_decode_omp" benc
 run() {
     l0=$(cut -d' ' -f1 /proc/loadavg)
     tmp=$(mktemp)
-    if /usr/bin/time -f '%U %S %e' -o "$tmp.time" "$@" >"$tmp" 2>"$tmp.err"; then
+    if /usr/bin/time -f '%U %S %e %M' -o "$tmp.time" "$@" >"$tmp" 2>"$tmp.err"; then
         l1=$(cut -d' ' -f1 /proc/loadavg)
-        read -r u s e <"$tmp.time" || true
-        "$PY" - "$tmp" "$l0" "$l1" "$u" "$s" "$e" "$*" >>"$OUT" <<'EOF'
-import json, sys
-path, l0, l1, u, s, e, cmd = sys.argv[1:]
-line = [x for x in open(path) if x.startswith("{")][-1]
-rec = json.loads(line)
-rec.setdefault("loadavg_start", float(l0))
-rec.setdefault("loadavg_end", float(l1))
-rec["process_cpu_s"] = round(float(u) + float(s), 2)
-rec["process_wall_s"] = float(e)
-rec["command"] = cmd
-print(json.dumps(rec))
-EOF
+        "$PY" bench/annotate_run.py "$tmp" "$tmp.time" "loadavg_start=$l0" "loadavg_end=$l1" "command=$*" >>"$OUT"
         tail -n 1 "$OUT"
     else
         echo "FAILED: $*" >&2

@@ -41,17 +41,7 @@ for seed in $SEEDS; do
         else
             status=failed
         fi
-        read -r u s e m <"$tmp.time" || true
-        "$PY" - "$tmp.json" "$u" "$s" "$e" "$m" "$status" >>"$OUT" <<'EOF'
-import json, sys
-path, u, s, e, m, status = sys.argv[1:]
-rec = json.load(open(path))
-rec["process_cpu_s"] = round(float(u) + float(s), 2)
-rec["process_wall_s"] = float(e)
-rec["process_peak_rss_mb"] = round(int(m) / 1024, 1)
-rec["verdict"] = status
-print(json.dumps(rec))
-EOF
+        "$PY" bench/annotate_run.py "$tmp.json" "$tmp.time" "verdict=$status" >>"$OUT"
         tail -n 1 "$OUT"
         rm -f "$tmp" "$tmp.time" "$tmp.json"
     done
