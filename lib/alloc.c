@@ -3,10 +3,31 @@
 #include "internal.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
+/* Allocations still allowed before the simulated out-of-memory fault (tests
+ * only, perl_mem_set_alloc_fault); -1: no fault.  Atomic because worker
+ * threads allocate their scratch. */
+static atomic_llong alloc_fault_budget = -1;
+
+void perl_mem_set_alloc_fault(long long after_allocs) {
+    atomic_store(&alloc_fault_budget, after_allocs < 0 ? -1 : after_allocs);
+}
+
+/* Takes one allocation from the fault budget; 1 when it is spent. */
+static int alloc_fault_hit(void) {
+    long long budget = atomic_load_explicit(&alloc_fault_budget, memory_order_relaxed);
+    while (budget >= 0) {
+        if (budget == 0) return 1;
+        if (atomic_compare_exchange_weak(&alloc_fault_budget, &budget, budget - 1)) return 0;
+    }
+    return 0;
+}
+
 void *perl_mem_alloc(size_t size) {
+    if (alloc_fault_hit()) return NULL;
     if (size == 0) size = 1;
     size_t rounded = (size + 63) & ~(size_t)63;
     if (rounded < size) return NULL;

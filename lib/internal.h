@@ -41,6 +41,8 @@ void *perl_mem_alloc(size_t size);            /* 64-byte aligned */
 void *perl_mem_calloc(size_t count, size_t size); /* 64-byte aligned, zeroed; overflow-checked */
 void perl_mem_free(void *p);
 char *perl_mem_strdup(const char *s);
+/* Tests: every allocation after the next `after_allocs` fails (-1 disarms). */
+void perl_mem_set_alloc_fault(long long after_allocs);
 
 /* ---- threads (threads.c) -------------------------------------------------
  * One process-wide pool of blocking (never spinning) workers.  parallel_for

@@ -97,14 +97,19 @@ static void head_grad(void *p, int64_t begin, int64_t end) {
 }
 
 static int lm_reserve(engine *e) {
-    if (e->lm_logits) return LIBPERL_OK;
+    if (e->lm_logits && e->lm_h && e->lm_dh) return LIBPERL_OK;
     int V = e->model->cfg.vocab_size, dim = e->model->cfg.dim;
     e->lm_chunk = (int)PERL_MAX(16u, PERL_MIN(512u, LM_CHUNK_FLOATS / (unsigned)V));
     size_t C = (size_t)e->lm_chunk;
     e->lm_logits = perl_mem_alloc(C * V * sizeof(float) + C * 3 * sizeof(float) + C * 2 * sizeof(int32_t));
     e->lm_h = perl_mem_alloc(C * dim * sizeof(float));
     e->lm_dh = perl_mem_alloc(C * dim * sizeof(float));
-    if (!e->lm_logits || !e->lm_h || !e->lm_dh) return perl_fail(LIBPERL_ERR_OUT_OF_MEMORY, "out of memory for the LM head");
+    if (!e->lm_logits || !e->lm_h || !e->lm_dh) {
+        /* all or nothing: a later call must not find one buffer and assume all three */
+        perl_mem_free(e->lm_logits), perl_mem_free(e->lm_h), perl_mem_free(e->lm_dh);
+        e->lm_logits = e->lm_h = e->lm_dh = NULL;
+        return perl_fail(LIBPERL_ERR_OUT_OF_MEMORY, "out of memory for the LM head");
+    }
     return LIBPERL_OK;
 }
 

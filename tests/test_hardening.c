@@ -22,6 +22,7 @@
 #include <time.h>
 
 #include "checkpoint.h"
+#include "internal.h"
 #include "fileio.h"
 #include "lora.h"
 #include "model.h"
@@ -1007,6 +1008,46 @@ END_TEST
 
 /* Disk full while saving a training state, through the fileio write fault:
  * every failure point leaves the previous state loadable and no temp file. */
+/* An allocation can fail anywhere in a training step (the packed batch, the
+ * engine's workspace, an attention worker's scratch, the LM-head chunk).
+ * Failing the k-th allocation for k = 0, 1, 2, ... until a step gets through:
+ * every failure is LIBPERL_ERR_OUT_OF_MEMORY with a message, leaves the
+ * adapter unchanged, and the sweep reaches the attention scratch. */
+START_TEST(test_out_of_memory_at_every_allocation)
+{
+    perl_model *m = tiny_model(16, 21);
+    perl_lora *l = tiny_lora(m, LIBPERL_TARGET_ALL, 2, 3);
+    tiny_batch tb;
+    tiny_batch_init(&tb, 4);
+    int failures = 0, attention_failures = 0, succeeded = 0;
+    for (long long k = 0; k < 100000 && !succeeded; k++) {
+        lora_guard g;
+        guard_take(&g, l);
+        perl_clear_error();
+        perl_mem_set_alloc_fault(k);
+        int rc = perl_lora_sft_step(l, &tb.batch, NULL, NULL);
+        perl_mem_set_alloc_fault(-1);
+        if (rc == LIBPERL_OK) {
+            succeeded = 1;
+        } else {
+            ck_assert_msg(rc == LIBPERL_ERR_OUT_OF_MEMORY, "fault after %lld allocations: rc %d (%s)", k, rc,
+                          perl_last_error());
+            ck_assert_msg(strstr(perl_last_error(), "out of memory") != NULL, "fault after %lld: message '%s'", k,
+                          perl_last_error());
+            guard_expect_unchanged(&g, l, "a step that ran out of memory");
+            failures++;
+            attention_failures += strstr(perl_last_error(), "attention") != NULL;
+        }
+        guard_free(&g);
+    }
+    ck_assert_msg(succeeded && failures > 0, "no step got through (%d failures)", failures);
+    ck_assert_msg(attention_failures > 0, "the sweep never failed an attention scratch allocation");
+    ck_assert_int_eq(perl_lora_sft_step(l, &tb.batch, NULL, NULL), LIBPERL_OK);
+    perl_lora_free(l);
+    perl_model_free(m);
+}
+END_TEST
+
 START_TEST(test_disk_full_state_fault)
 {
     perl_model *m = tiny_model(16, 16);
@@ -1554,6 +1595,7 @@ Suite *suite_hardening(void)
     tcase_add_test(tc, test_state_path_is_a_directory);
     tcase_add_test(tc, test_permission_denied_as_nobody);
     tcase_add_test(tc, test_disk_full_state_fault);
+    tcase_add_test(tc, test_out_of_memory_at_every_allocation);
     tcase_add_test(tc, test_disk_full_real_tmpfs);
     suite_add_tcase(s, tc);
 
