@@ -1008,43 +1008,67 @@ END_TEST
 
 /* Disk full while saving a training state, through the fileio write fault:
  * every failure point leaves the previous state loadable and no temp file. */
-/* An allocation can fail anywhere in a training step (the packed batch, the
- * engine's workspace, an attention worker's scratch, the LM-head chunk).
- * Failing the k-th allocation for k = 0, 1, 2, ... until a step gets through:
- * every failure is LIBPERL_ERR_OUT_OF_MEMORY with a message, leaves the
- * adapter unchanged, and the sweep reaches the attention scratch. */
-START_TEST(test_out_of_memory_at_every_allocation)
+/* ---- out of memory: fail the k-th allocation of a call, k = 0, 1, 2, ... ---- */
+
+/* Runs call() with the k-th allocation failing, for k = 0, 1, ... until a call
+ * gets through.  Every failure must be LIBPERL_ERR_OUT_OF_MEMORY with a
+ * message, and must leave `guarded` (when not NULL) unchanged.  Returns how
+ * many failures named the attention scratch. */
+static int oom_sweep(int (*call)(void), perl_lora *guarded, const char *what)
 {
-    perl_model *m = tiny_model(16, 21);
-    perl_lora *l = tiny_lora(m, LIBPERL_TARGET_ALL, 2, 3);
-    tiny_batch tb;
-    tiny_batch_init(&tb, 4);
     int failures = 0, attention_failures = 0, succeeded = 0;
     for (long long k = 0; k < 100000 && !succeeded; k++) {
-        lora_guard g;
-        guard_take(&g, l);
+        lora_guard g = {0};
+        if (guarded) guard_take(&g, guarded);
         perl_clear_error();
         perl_mem_set_alloc_fault(k);
-        int rc = perl_lora_sft_step(l, &tb.batch, NULL, NULL);
+        int rc = call();
         perl_mem_set_alloc_fault(-1);
         if (rc == LIBPERL_OK) {
             succeeded = 1;
         } else {
-            ck_assert_msg(rc == LIBPERL_ERR_OUT_OF_MEMORY, "fault after %lld allocations: rc %d (%s)", k, rc,
-                          perl_last_error());
-            ck_assert_msg(strstr(perl_last_error(), "out of memory") != NULL, "fault after %lld: message '%s'", k,
-                          perl_last_error());
-            guard_expect_unchanged(&g, l, "a step that ran out of memory");
+            ck_assert_msg(rc == LIBPERL_ERR_OUT_OF_MEMORY, "%s, fault after %lld allocations: rc %d (%s)", what, k,
+                          rc, perl_last_error());
+            ck_assert_msg(strstr(perl_last_error(), "out of memory") != NULL, "%s, fault after %lld: message '%s'",
+                          what, k, perl_last_error());
+            if (guarded) guard_expect_unchanged(&g, guarded, what);
             failures++;
             attention_failures += strstr(perl_last_error(), "attention") != NULL;
         }
         guard_free(&g);
     }
-    ck_assert_msg(succeeded && failures > 0, "no step got through (%d failures)", failures);
-    ck_assert_msg(attention_failures > 0, "the sweep never failed an attention scratch allocation");
-    ck_assert_int_eq(perl_lora_sft_step(l, &tb.batch, NULL, NULL), LIBPERL_OK);
-    perl_lora_free(l);
-    perl_model_free(m);
+    ck_assert_msg(succeeded && failures > 0, "%s: no call got through (%d failures)", what, failures);
+    return attention_failures;
+}
+
+static int oom_sft_step(void) { return perl_lora_sft_step(C.lora, &C.tb.batch, NULL, NULL); }
+static int oom_forward(void) { return perl_model_forward(C.model, C.lora, &C.tb.batch, C.out, NULL); }
+static int oom_generate(void)
+{
+    return perl_generate(C.model, C.policy_lora, &C.tb.batch, &C.gen, C.gen_tokens, C.gen_lengths, NULL);
+}
+static int oom_reward_score(void) { return perl_reward_score(C.reward, &C.tb.batch, C.rewards); }
+static int oom_reward_step(void)
+{
+    return perl_reward_step_pairwise(C.reward, &C.tb.batch, &C.tb.batch, NULL, NULL, NULL, NULL);
+}
+static int oom_policy_step(void)
+{
+    return perl_policy_step(C.policy, &C.tb.batch, C.responses, C.response_lengths, 2, C.rewards, NULL, NULL);
+}
+
+/* Every compute entry point, on fresh handles (so the sweep also covers
+ * their first-call workspace allocations).  The training sweep must reach an
+ * attention worker's scratch, the failure path lib/attention.c reports. */
+START_TEST(test_out_of_memory_at_every_allocation)
+{
+    ck_assert_msg(oom_sweep(oom_sft_step, C.lora, "perl_lora_sft_step") > 0,
+                  "the sweep never failed an attention scratch allocation");
+    oom_sweep(oom_forward, NULL, "perl_model_forward");
+    oom_sweep(oom_generate, NULL, "perl_generate");
+    oom_sweep(oom_reward_score, NULL, "perl_reward_score");
+    oom_sweep(oom_reward_step, C.reward_lora, "perl_reward_step_pairwise");
+    oom_sweep(oom_policy_step, C.policy_lora, "perl_policy_step");
 }
 END_TEST
 
@@ -1578,6 +1602,7 @@ Suite *suite_hardening(void)
     tcase_add_test(tc, test_null_every_argument);
     tcase_add_test(tc, test_null_no_status);
     tcase_add_test(tc, test_null_table_covers_header);
+    tcase_add_test(tc, test_out_of_memory_at_every_allocation);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("bad_input");
@@ -1595,7 +1620,6 @@ Suite *suite_hardening(void)
     tcase_add_test(tc, test_state_path_is_a_directory);
     tcase_add_test(tc, test_permission_denied_as_nobody);
     tcase_add_test(tc, test_disk_full_state_fault);
-    tcase_add_test(tc, test_out_of_memory_at_every_allocation);
     tcase_add_test(tc, test_disk_full_real_tmpfs);
     suite_add_tcase(s, tc);
 
